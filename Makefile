@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,20 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/roadpulse map info helsinki
+	$(BIN)/roadpulse demo
 
 # The suite starts what it needs itself (a Kafka-protocol broker, chromium when installed).
-test: venv
+test: venv test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# System packages some tests use when present; a failure here only makes those tests skip.
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y chromium >/dev/null 2>&1 \
+	  || (apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1) \
+	  || echo "test-deps: chromium not installed (needs root + Debian apt); the browser test will skip"
+	@command -v prometheus >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 \
+	  || (apt-get update >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1) \
+	  || echo "test-deps: prometheus not installed (needs root + Debian apt); the Prometheus tests will skip"
 
 bench: venv
 	$(BIN)/pip install --quiet -e '.[test,bench]'

@@ -138,8 +138,10 @@ class RoadNetwork:
         cum = np.concatenate([[0.0], np.cumsum(self._piece_len)])
         seg_first_piece = np.concatenate([[0], np.cumsum(np.diff(self.geom_ptr) - 1)])
         self._piece_offset = cum[:-1] - cum[seg_first_piece[self._piece_segment]]
-        self._piece_a = self.geom_xy[self._piece_start]
-        self._piece_ab = self.geom_xy[self._piece_start + 1] - self._piece_a
+        self._piece_ax = self.geom_xy[self._piece_start, 0].copy()
+        self._piece_ay = self.geom_xy[self._piece_start, 1].copy()
+        self._piece_abx = self.geom_xy[self._piece_start + 1, 0] - self._piece_ax
+        self._piece_aby = self.geom_xy[self._piece_start + 1, 1] - self._piece_ay
         self._piece_inv_len2 = 1.0 / np.maximum(self._piece_len, 1e-9) ** 2
         self.length_m = cum[seg_first_piece[1:]] - cum[seg_first_piece[:-1]]
         order = np.argsort(self.segment_ids, kind="stable")
@@ -340,15 +342,22 @@ class RoadNetwork:
                 pieces_list.append(self._cell_pieces[np.repeat(start, cnt) + _ragged_arange(cnt)])
         pts = np.concatenate(pts_list) if pts_list else np.zeros(0, np.int64)
         pieces = np.concatenate(pieces_list) if pieces_list else np.zeros(0, np.int64)
-        a = self._piece_a[pieces]
-        ab = self._piece_ab[pieces]
-        ap = xy[pts] - a
-        t = np.clip(np.einsum("ij,ij->i", ap, ab) * self._piece_inv_len2[pieces], 0.0, 1.0)
-        proj = a + t[:, None] * ab
-        d = xy[pts] - proj
-        dist = np.sqrt(np.einsum("ij,ij->i", d, d))
-        ok = np.flatnonzero(dist <= radius[pts])
-        pts, pieces, dist, t, proj = pts[ok], pieces[ok], dist[ok], t[ok], proj[ok]
+        # Point-to-piece projection on flat coordinate arrays (cheaper gathers than (N, 2) rows);
+        # the distance test uses squared distances so only survivors pay for the sqrt.
+        ax = self._piece_ax[pieces]
+        ay = self._piece_ay[pieces]
+        abx = self._piece_abx[pieces]
+        aby = self._piece_aby[pieces]
+        apx = xy[:, 0][pts] - ax
+        apy = xy[:, 1][pts] - ay
+        t = np.clip((apx * abx + apy * aby) * self._piece_inv_len2[pieces], 0.0, 1.0)
+        dx = apx - t * abx
+        dy = apy - t * aby
+        d2 = dx * dx + dy * dy
+        ok = np.flatnonzero(d2 <= (radius * radius)[pts])
+        pts, pieces, t = pts[ok], pieces[ok], t[ok]
+        dist = np.sqrt(d2[ok])
+        proj = np.column_stack([ax[ok] + t * abx[ok], ay[ok] + t * aby[ok]])
         seg = self._piece_segment[pieces]
         offset = self._piece_offset[pieces] + t * self._piece_len[pieces]
         # Best piece per (point, segment): one sort on a packed (point, segment, 0.1 mm) key.

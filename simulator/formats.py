@@ -18,7 +18,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -52,11 +52,32 @@ class ReadReport:
 
 
 def open_text(path: str | os.PathLike[str], mode: str = "rt") -> IO[str]:
-    """Open a text file, transparently gzipped when the name ends with ``.gz``."""
+    """Open a text file, transparently gzipped when the name ends with ``.gz``.
+
+    Gzip output carries no timestamp (``mtime=0``) and uses level 6, so the same content gives
+    the same bytes (reproducible simulator output) and big files compress fast.
+    """
     path = Path(path)
     if path.suffix == ".gz":
-        return gzip.open(path, mode, encoding="utf-8", newline="" if "w" in mode else None)  # type: ignore[return-value]
+        if "w" in mode:
+            return _GzipTextWriter(path)
+        return gzip.open(path, mode, encoding="utf-8")  # type: ignore[return-value]
     return open(path, mode, encoding="utf-8", newline="" if "w" in mode else None)
+
+
+class _GzipTextWriter(io.TextIOWrapper):
+    """UTF-8 text into a reproducible gzip file (no mtime in the header)."""
+
+    def __init__(self, path: Path) -> None:
+        self._raw_file = open(path, "wb")
+        gz = gzip.GzipFile(filename=path.name, mode="wb", fileobj=self._raw_file, compresslevel=6, mtime=0)
+        super().__init__(gz, encoding="utf-8", newline="")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw_file.close()  # GzipFile leaves a fileobj it was given open
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -225,6 +246,47 @@ def write_pings(path: str | os.PathLike[str], pings: Iterable[Ping], fmt: str | 
         else:
             raise ValueError(f"cannot write pings as {fmt!r}; use .csv or .jsonl")
     return n
+
+
+def write_ping_batches(
+    path: str | os.PathLike[str],
+    batches: Iterable[tuple[str, Sequence[Ping]]],
+    fmt: str | None = None,
+) -> int:
+    """Write uploads ``(device, pings)`` in order; returns the number of pings written.
+
+    CSV has one row per ping (batches follow each other, so a device's rows of one upload are
+    adjacent); JSONL has one ``{"device": ..., "pings": [...]}`` batch per line, the Kafka
+    message payload. Both read back with :func:`read_pings`.
+    """
+    fmt = fmt or detect_format(path)
+    n = 0
+    with open_text(path, "wt") as fh:
+        if fmt == "csv":
+            writer = csv.writer(fh)
+            writer.writerow(PING_COLUMNS)
+            for _, pings in batches:
+                writer.writerows([p.device, _num(p.ts), _num(p.lat), _num(p.lon), _num(p.accuracy_m),
+                                  _num(p.speed_mps), _num(p.heading_deg)] for p in pings)
+                n += len(pings)
+        elif fmt == "jsonl":
+            for device, pings in batches:
+                fh.write(batch_to_json(device, pings) + "\n")
+                n += len(pings)
+        else:
+            raise ValueError(f"cannot write pings as {fmt!r}; use .csv or .jsonl")
+    return n
+
+
+def batch_to_json(device: str, pings: Sequence[Ping]) -> str:
+    """One upload as the JSON wire form ``{"device": ..., "pings": [{"ts":..,"lat":..,...}]}``
+    (the device id is given once, not per ping)."""
+    items = []
+    for p in pings:
+        d = p.to_dict()
+        del d["device"]
+        items.append(d)
+    return json.dumps({"device": device, "pings": items}, separators=(",", ":"))
 
 
 def _num(v: float | None) -> str:

@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from streams.commands import map_cmd
+from streams.commands import demo_cmd, evaluate_cmd, map_cmd, match_cmd, replay_cmd, serve_cmd, simulate_cmd, worker_cmd
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = [map_cmd]
+COMMANDS = [demo_cmd, map_cmd, match_cmd, simulate_cmd, replay_cmd, evaluate_cmd, serve_cmd, worker_cmd]
 
 
 class CommandError(Exception):

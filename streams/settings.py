@@ -23,6 +23,14 @@ class Settings:
     map: str = "helsinki"
     #: Kafka bootstrap servers, ``host:port[,host:port]``.
     kafka: str = "localhost:9092"
+    #: Kafka security: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``.
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: SASL mechanism when the protocol is ``SASL_*``: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    #: CA bundle (PEM file) that signed the brokers' TLS certificates; empty: the system's CAs.
+    kafka_ssl_cafile: str = ""
     topic_pings: str = "roadpulse.pings"
     topic_rejected: str = "roadpulse.pings.rejected"
     topic_traversals: str = "roadpulse.traversals"

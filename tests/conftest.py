@@ -50,3 +50,26 @@ def helsinki():
 @pytest.fixture(scope="session")
 def kotka():
     return load_network(bundled_map("kotka"))
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
+    """The real Kafka-protocol broker (tansu, memory storage) for this test session; see tests/kafka_support.py.
+
+    Yields the :class:`tests.kafka_support.TansuBroker` (``.bootstrap``, ``.restart()``); stopped by PID at
+    session end, also when tests fail.
+    """
+    from tests.kafka_support import TansuBroker
+
+    broker = TansuBroker(log_dir=tmp_path_factory.mktemp("tansu"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker) -> str:
+    """``"127.0.0.1:PORT"`` of the session's test broker."""
+    return kafka_broker.bootstrap

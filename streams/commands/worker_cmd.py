@@ -1,0 +1,62 @@
+"""``roadpulse worker``: one Faust worker of the Kafka pipeline (see :mod:`streams.app`).
+
+Configuration comes from the settings (``ROADPULSE_KAFKA=host:9092``, topic names, partitions,
+pseudonym key...). Start as many workers as you like with the same settings: they share the
+partitions (one consumer group) and take over each other's partitions when one stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+
+log = logging.getLogger("roadpulse.worker")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run a Faust worker of the Kafka pipeline (pings -> segment speeds)")
+    p.add_argument("--map", help="OSM file or bundled name (default: settings, helsinki)")
+    p.add_argument("--kafka", help="bootstrap servers host:port[,host:port] (default: settings / ROADPULSE_KAFKA)")
+    p.add_argument("--partitions", type=int, help="partitions of the roadpulse topics (default: settings, 4)")
+    p.add_argument("--live", action="store_true",
+                   help="check event times against the wall clock (reject pings days old or in the future); "
+                        "leave off when replaying recorded or simulated days")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--datadir", help="Faust data directory (default: a temporary directory)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from geo.bundled import resolve_map
+    from geo.network import MapLoadError, load_network
+    from streams import metrics
+    from streams.app import WorkerOptions, create_app
+    from streams.cli import CommandError
+    from streams.settings import cache_dir, load_settings
+
+    settings = load_settings(args.config, overrides={
+        "map": args.map, "kafka": args.kafka, "partitions": args.partitions,
+    })
+    if settings.partitions < 1:
+        raise CommandError("partitions must be >= 1")
+    try:
+        network = load_network(resolve_map(settings.map), cache=cache_dir(settings))
+    except MapLoadError as exc:
+        raise CommandError(str(exc)) from None
+    metrics.set_build_info(map_name=settings.map)
+    if args.metrics_port is not None:
+        metrics.start_metrics_server(args.metrics_port)
+    pipeline = create_app(network, settings, WorkerOptions(wall_clock_checks=args.live))
+    datadir = args.datadir or tempfile.mkdtemp(prefix="roadpulse-worker-")
+    os.makedirs(datadir, exist_ok=True)  # the Faust worker runs inside it
+    pipeline.app.conf.datadir = datadir
+    log.info("worker: map %s (%d segments), kafka %s, %d partitions, topics %s -> %s",
+             os.path.basename(str(settings.map)), network.n_segments, settings.kafka, settings.partitions,
+             settings.topic_pings, settings.topic_segment_speeds)
+    from faust import Worker
+
+    worker = Worker(pipeline.app, loglevel=settings.log_level.lower(), quiet=True, workdir=datadir)
+    worker.execute_from_commandline()  # returns by SystemExit when the worker stops
+    return 0

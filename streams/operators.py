@@ -1,0 +1,520 @@
+"""The pipeline's operators as plain objects: both runners call exactly these.
+
+* :class:`IngestMatch` -- raw ping messages of one source (a Kafka partition of ``roadpulse.pings``,
+  or the whole input of the embedded runner) -> dead letters and traversals. Per device (pseudonym) it
+  keeps a :class:`DeviceState`: the trip-trim state (:mod:`streams.ingest`) and the matcher state
+  (:mod:`geo.matcher`), serialisable for a Faust table. The source's watermark is the newest valid
+  event time it has seen; a device idle for longer than the matcher's ``max_gap_s`` of that watermark
+  has its trip ended (trimmed tail discarded, matcher flushed) exactly as a later ping after such a gap
+  would have ended it, so results do not depend on when the runner gets to the expiry.
+* :class:`Aggregate` -- traversals + per-source watermarks -> segment speeds, through
+  :class:`congestion.estimator.SpeedEstimator`. Its watermark is the minimum over the sources it
+  expects (a Kafka pipeline has one source per ping partition), so no source's traversals arrive
+  behind the windows another source's progress has closed.
+
+The operators hold no Kafka objects: :mod:`streams.app` moves bytes between topics and tables,
+:mod:`streams.embedded` calls them directly. Business logic stays in ``geo`` and ``congestion``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from congestion.estimator import EstimatorConfig, SpeedEstimator
+from congestion.record import SegmentSpeed
+from geo.matcher import SPLIT_REASONS, MatcherConfig, MatcherState, OnlineMatcher
+from geo.model import Ping, Traversal
+from geo.network import RoadNetwork
+from streams import metrics
+from streams.ingest import (
+    DeadLetter,
+    Pseudonymiser,
+    Rejection,
+    TripTrimmer,
+    TripTrimState,
+    decode_message,
+)
+from streams.settings import Settings
+
+#: Matcher drop reasons -> the bounded ``reason`` label of ``PINGS_UNMATCHED``.
+_UNMATCHED_REASON = {
+    "no_candidate": "no_candidate",
+    "no_transition": "no_route",
+    "duplicate": "stationary",
+    "out_of_order": "late",
+    "device_mismatch": "no_route",
+}
+
+
+@dataclass
+class PipelineStats:
+    """Counters of one runner (the embedded pipeline's ``stats``; a worker's part of the flow).
+
+    ``rejected`` and ``unmatched`` are by reason; ``dropped_traversals`` by the estimator's reasons.
+    """
+
+    received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    dead_letters: int = 0
+    trimmed: int = 0
+    matched: int = 0
+    unmatched: Counter[str] = field(default_factory=Counter)
+    traversals: int = 0
+    dropped_traversals: Counter[str] = field(default_factory=Counter)
+    published: int = 0
+    published_ok: int = 0
+    devices_expired: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received, "rejected": dict(self.rejected), "dead_letters": self.dead_letters,
+            "trimmed": self.trimmed, "matched": self.matched, "unmatched": dict(self.unmatched),
+            "traversals": self.traversals, "dropped_traversals": dict(self.dropped_traversals),
+            "published": self.published, "published_ok": self.published_ok,
+            "devices_expired": self.devices_expired,
+        }
+
+
+def matcher_config(settings: Settings) -> MatcherConfig:
+    """Matcher parameters from settings (the lag bound; the rest are the matcher's defaults)."""
+    return MatcherConfig(max_lag_s=float(settings.max_match_lag_s))
+
+
+def estimator_config(settings: Settings) -> EstimatorConfig:
+    """Estimator windows, grace and k from settings."""
+    return EstimatorConfig.from_settings(settings)
+
+
+# ------------------------------------------------------------------------------------------ device state
+
+
+@dataclass
+class DeviceState:
+    """Everything remembered about one device (pseudonym) between batches."""
+
+    trim: TripTrimState
+    match: MatcherState
+
+    _HEAD = struct.Struct("<BiI")  # version, source partition, length of the trim part
+
+    def to_bytes(self, source: int) -> bytes:
+        """Table value: a header naming the source partition (so a worker can find its keys after a
+        rebalance), the trim state, the matcher state."""
+        trim = self.trim.to_bytes()
+        return b"".join((self._HEAD.pack(1, source, len(trim)), trim, self.match.to_bytes()))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: str) -> tuple[int, "DeviceState"]:
+        """``(source partition, state)`` from :meth:`to_bytes`. Raises ``ValueError`` on foreign bytes."""
+        h = cls._HEAD
+        if len(data) < h.size or data[0] != 1:
+            raise ValueError("not a device state")
+        _, source, n = h.unpack_from(data, 0)
+        trim = TripTrimState.from_bytes(data[h.size:h.size + n], device)
+        return source, cls(trim, MatcherState.from_bytes(data[h.size + n:]))
+
+    @staticmethod
+    def source_of(data: bytes) -> int:
+        return DeviceState._HEAD.unpack_from(data, 0)[1]
+
+
+# ------------------------------------------------------------------------------------------ ingest+match
+
+
+@dataclass
+class IngestMatchOutput:
+    """What one :meth:`IngestMatch.process_messages` call produced."""
+
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    traversals: list[Traversal] = field(default_factory=list)
+
+
+class IngestMatch:
+    """Validate, pseudonymise, trim and map-match the pings of one source.
+
+    Parameters
+    ----------
+    network
+        Road network.
+    settings
+        Pseudonym key and rotation, trim distance, match lag.
+    source
+        The source's number (Kafka partition of the pings topic; 0 when embedded).
+    stats
+        Counters to update (shared with the rest of a runner); a new one when ``None``.
+    matcher
+        A ready :class:`~geo.matcher.OnlineMatcher` to share (its route table is the costly part).
+    """
+
+    def __init__(self, network: RoadNetwork, settings: Settings, source: int = 0,
+                 stats: PipelineStats | None = None, matcher: OnlineMatcher | None = None) -> None:
+        self.source = source
+        self.stats = stats if stats is not None else PipelineStats()
+        self.matcher = matcher or OnlineMatcher(network, matcher_config(settings))
+        self.gap_s = self.matcher.config.max_gap_s
+        self.pseudonymiser = Pseudonymiser(settings.pseudonym_key, settings.pseudonym_rotation_s)
+        self.trimmer = TripTrimmer(settings.trip_trim_m, self.gap_s)
+        self.devices: dict[str, DeviceState] = {}
+        #: Newest valid event time seen (epoch s); ``None`` before the first ping.
+        self.watermark: float | None = None
+        self._expiry_checked_at = -math.inf
+        #: Keys changed / deleted since :meth:`take_changes`.
+        self._dirty: set[str] = set()
+        self._deleted: set[str] = set()
+
+    # -------------------------------------------------------------- input
+    def process_messages(self, messages: Iterable[tuple[bytes | None, bytes]], now: float | None = None
+                         ) -> IngestMatchOutput:
+        """Run a batch of raw messages (Kafka ``(key, value)``) through ingest and the matcher.
+
+        Parameters
+        ----------
+        messages
+            Raw messages of this source, in arrival order.
+        now
+            Wall clock for the age checks of validation; ``None`` (replays) checks only sanity.
+        """
+        out = IngestMatchOutput()
+        pings: list[Ping] = []
+        origin: list[tuple[int, int]] = []  # (message number, index in its batch) of each ping
+        message_of: list[int] = []
+        decoded = []
+        for m, (key, value) in enumerate(messages):
+            d = decode_message(key, value, now=now)
+            decoded.append((key, value, d))
+            self.stats.received += d.n_received
+            metrics.PINGS_RECEIVED.inc(d.n_received)
+            pings.extend(d.pings)
+            origin.extend((m, i) for i in d.indexes)
+            message_of.extend([m] * len(d.pings))
+        late_rejects: dict[int, list[Rejection]] = {}
+        for pos, reason in self._match(self.pseudonymiser.apply(pings), out.traversals, message_of):
+            m, i = origin[pos]
+            late_rejects.setdefault(m, []).append(Rejection(reason, "older than or equal to the device's last ping", i))
+        for m, (key, value, d) in enumerate(decoded):
+            extra = late_rejects.get(m, [])
+            if d.dead_letter is None and not extra:
+                continue
+            rejections = (*(d.dead_letter.rejections if d.dead_letter else ()), *extra)
+            n = (d.dead_letter.n_pings if d.dead_letter else 0) + len(extra)
+            out.dead_letters.append(DeadLetter(key, value if value is not None else b"", rejections, n))
+        for dl in out.dead_letters:
+            self.stats.dead_letters += 1
+            for r in dl.rejections:
+                self.stats.rejected[r.reason] += 1
+                metrics.PINGS_REJECTED.labels(reason=r.reason).inc()
+        self._expire(out.traversals)
+        return out
+
+    def process_pings(self, pings: Sequence[Ping]) -> list[Traversal]:
+        """Already-validated pings with raw device ids (simulator, files): pseudonymise, trim, match.
+
+        Returns the traversals; ordering rejections are counted in ``stats.rejected``.
+        """
+        self.stats.received += len(pings)
+        metrics.PINGS_RECEIVED.inc(len(pings))
+        traversals: list[Traversal] = []
+        for _, reason in self._match(self.pseudonymiser.apply(pings), traversals):
+            self.stats.rejected[reason] += 1
+            metrics.PINGS_REJECTED.labels(reason=reason).inc()
+        self._expire(traversals)
+        return traversals
+
+    def _match(self, pings: list[Ping], traversals: list[Traversal], message_of: Sequence[int] | None = None
+               ) -> list[tuple[int, str]]:
+        """Trim and match pseudonymised pings; returns ``(position, reason)`` of ordering rejections.
+
+        The matcher's fixed-lag decisions depend on how a device's pings are cut into pushes, so a
+        device's pings are pushed one message at a time (``message_of[pos]``: the message of each
+        ping): the result depends on the messages, never on how a runner happened to batch them.
+        Devices are still matched together, one vectorised ``push_many`` per round.
+        """
+        if not pings:
+            return []
+        chunks: dict[str, list[list[int]]] = {}
+        last_msg: dict[str, int] = {}
+        for pos, p in enumerate(pings):
+            m = message_of[pos] if message_of is not None else 0
+            dev_chunks = chunks.get(p.device)
+            if dev_chunks is None:
+                chunks[p.device] = [[pos]]
+            elif last_msg[p.device] != m:
+                dev_chunks.append([pos])
+            else:
+                dev_chunks[-1].append(pos)
+            last_msg[p.device] = m
+        rejected: list[tuple[int, str]] = []
+        newest = self.watermark if self.watermark is not None else -math.inf
+        n_rounds = max(len(c) for c in chunks.values())
+        for r in range(n_rounds):
+            items: list[tuple[MatcherState, list[Ping]]] = []
+            devices: list[str] = []
+            for dev, dev_chunks in chunks.items():
+                if r >= len(dev_chunks):
+                    continue
+                positions = dev_chunks[r]
+                state = self.devices.get(dev)
+                if state is None:
+                    state = self.devices[dev] = DeviceState(TripTrimState(), self.matcher.new_state())
+                res = self.trimmer.push(state.trim, [pings[k] for k in positions])
+                rejected.extend((positions[i], reason) for i, reason in res.rejected)
+                if res.trimmed:
+                    self.stats.trimmed += res.trimmed
+                    self.stats.unmatched["trip_trim"] += res.trimmed
+                    metrics.PINGS_UNMATCHED.labels(reason="trip_trim").inc(res.trimmed)
+                if res.released:
+                    items.append((state.match, res.released))
+                    devices.append(dev)
+                newest = max(newest, state.trim.last_ts)
+                self._dirty.add(dev)
+                self._deleted.discard(dev)
+            if items:
+                t0 = time.perf_counter()
+                results = self.matcher.push_many(items)
+                metrics.MATCH_LATENCY.observe(time.perf_counter() - t0)
+                for dev, res in zip(devices, results):
+                    self.devices[dev].match = res.state
+                    self._count_match(res.matched, res.dropped, res.traversals)
+                    traversals.extend(res.traversals)
+        if newest > -math.inf:
+            self.watermark = newest
+        return rejected
+
+    def _count_match(self, matched: int, dropped: Counter[str], traversals: list[Traversal]) -> None:
+        self.stats.matched += matched
+        metrics.PINGS_MATCHED.inc(matched)
+        for reason, n in dropped.items():
+            if reason in SPLIT_REASONS or n <= 0:
+                continue
+            label = _UNMATCHED_REASON.get(reason, "no_route")
+            self.stats.unmatched[label] += n
+            metrics.PINGS_UNMATCHED.labels(reason=label).inc(n)
+        self.stats.traversals += len(traversals)
+        metrics.TRAVERSALS_EMITTED.inc(len(traversals))
+
+    # -------------------------------------------------------------- trip ends
+    def _expire(self, traversals: list[Traversal]) -> None:
+        """End the trips of devices idle for more than ``gap_s`` of this source's watermark."""
+        wm = self.watermark
+        if wm is None or wm - self._expiry_checked_at < 1.0:  # at most one scan per event-second
+            return
+        self._expiry_checked_at = wm
+        cutoff = wm - self.gap_s
+        idle = [dev for dev, st in self.devices.items() if st.trim.last_ts < cutoff]
+        for dev in idle:
+            traversals.extend(self._end_device(dev))
+
+    def _end_device(self, dev: str) -> list[Traversal]:
+        state = self.devices.pop(dev)
+        discarded = self.trimmer.finish(state.trim)
+        self.stats.trimmed += discarded
+        if discarded:
+            self.stats.unmatched["trip_trim"] += discarded
+            metrics.PINGS_UNMATCHED.labels(reason="trip_trim").inc(discarded)
+        res = self.matcher.finish(state.match)
+        self._count_match(0, res.dropped, res.traversals)
+        self.stats.devices_expired += 1
+        self._dirty.discard(dev)
+        self._deleted.add(dev)
+        return res.traversals
+
+    def finish(self) -> list[Traversal]:
+        """End every device's trip (end of input): flush the matcher, discard held tails."""
+        out: list[Traversal] = []
+        for dev in list(self.devices):
+            out.extend(self._end_device(dev))
+        return out
+
+    # -------------------------------------------------------------- persistence (Faust tables)
+    def take_changes(self) -> tuple[dict[str, bytes], set[str]]:
+        """Serialised states of devices changed since the last call, and devices deleted."""
+        changed = {dev: self.devices[dev].to_bytes(self.source) for dev in self._dirty if dev in self.devices}
+        deleted = set(self._deleted)
+        self._dirty.clear()
+        self._deleted.clear()
+        return changed, deleted
+
+    def load(self, states: Iterable[tuple[str, bytes]], watermark: float | None) -> None:
+        """Restore devices (``(pseudonym, to_bytes value)``) and the watermark after a (re)assignment."""
+        self.devices.clear()
+        for dev, data in states:
+            _, st = DeviceState.from_bytes(data, dev)
+            self.devices[dev] = st
+        self.watermark = watermark
+        self._dirty.clear()
+        self._deleted.clear()
+
+
+# ------------------------------------------------------------------------------------------ aggregate
+
+
+class Aggregate:
+    """Windowed speed estimation over traversals from one or more sources.
+
+    Parameters
+    ----------
+    network, settings
+        Road network; windows, grace and k from settings.
+    sources
+        Sources whose watermarks must all be known before any window closes (Kafka: the partitions
+        of the pings topic; embedded: ``[0]``).
+    stats
+        Counters to update.
+    idle_source_s
+        Wall-clock seconds after which a source that sends nothing stops holding the watermark back
+        (a partition without devices); ``None`` waits for every source forever.
+    """
+
+    def __init__(self, network: RoadNetwork, settings: Settings, sources: Sequence[int] = (0,),
+                 stats: PipelineStats | None = None, idle_source_s: float | None = None) -> None:
+        self.network = network
+        self.config = estimator_config(settings)
+        self.estimator = SpeedEstimator(network, self.config)
+        self.sources = list(sources)
+        self.stats = stats if stats is not None else PipelineStats()
+        self.idle_source_s = idle_source_s
+        self.source_watermarks: dict[int, float] = {}
+        self._last_heard: dict[int, float] = {}
+        self._started = time.monotonic()
+
+    def add(self, traversals: Sequence[Traversal]) -> None:
+        """Add traversal objects."""
+        if traversals:
+            self._count(self.estimator.add(traversals))
+
+    def add_arrays(self, segment_ids: np.ndarray, devices: Sequence[str], t_enter: np.ndarray,
+                   t_exit: np.ndarray, fraction: np.ndarray) -> None:
+        """Add traversals given as columns (the wire form of :func:`decode_traversals`)."""
+        if len(segment_ids):
+            self._count(self.estimator.add_arrays(segment_ids, devices, t_enter, t_exit, fraction))
+
+    def _count(self, res: Any) -> None:
+        for reason, n in res.dropped.items():
+            if n:
+                self.stats.dropped_traversals[reason] += n
+
+    def set_source_watermark(self, source: int, watermark: float | None) -> None:
+        if watermark is None:
+            return
+        self._last_heard[source] = time.monotonic()
+        if watermark > self.source_watermarks.get(source, -math.inf):
+            self.source_watermarks[source] = float(watermark)
+
+    def watermark(self) -> float | None:
+        """Minimum over the expected sources' watermarks; ``None`` while one is still unknown."""
+        now = time.monotonic()
+        marks = []
+        for s in self.sources:
+            wm = self.source_watermarks.get(s)
+            heard = self._last_heard.get(s, self._started)
+            if self.idle_source_s is not None and now - heard > self.idle_source_s:
+                continue  # idle source: does not hold the others back
+            if wm is None:
+                return None
+            marks.append(wm)
+        return min(marks) if marks else None
+
+    def advance(self, watermark_s: float | None = None) -> list[SegmentSpeed]:
+        """Close the windows the watermark (given, else :meth:`watermark`) has passed; returns them."""
+        wm = self.watermark() if watermark_s is None else watermark_s
+        if wm is None:
+            return []
+        speeds = self.estimator.advance(wm)
+        if speeds:
+            newest = max(self.source_watermarks.values(), default=wm)
+            metrics.WATERMARK_LAG.set(max(0.0, newest - wm))
+            self.stats.published += len(speeds)
+            self.stats.published_ok += sum(1 for s in speeds if s.status == "ok")
+            metrics.record_published(speeds)
+        return speeds
+
+    def flush(self) -> list[SegmentSpeed]:
+        """Close every window that holds data (end of input): advance past the newest one."""
+        est = self.estimator
+        cfg = self.config
+        marks = list(self.source_watermarks.values()) + ([est.watermark] if est.watermark is not None else [])
+        if not marks:
+            return []
+        return self.advance(max(marks) + cfg.span_s + cfg.grace_s + cfg.step_s)
+
+    # -------------------------------------------------------------- persistence
+    def state_bytes(self) -> bytes:
+        """Estimator state plus source watermarks, one blob."""
+        meta = json.dumps({"sources": {str(k): v for k, v in self.source_watermarks.items()}}).encode()
+        return struct.pack("<I", len(meta)) + meta + self.estimator.state_bytes()
+
+    def load_state(self, data: bytes) -> None:
+        (n,) = struct.unpack_from("<I", data, 0)
+        meta = json.loads(data[4:4 + n])
+        self.source_watermarks = {int(k): float(v) for k, v in meta["sources"].items()}
+        self.estimator = SpeedEstimator.from_state_bytes(self.network, self.config, data[4 + n:])
+
+
+# ------------------------------------------------------------------------------------------ wire forms
+
+
+def segment_partition(segment_id: int, partitions: int) -> int:
+    """Partition of the traversals topic that owns a segment (ids are uniform 53-bit hashes)."""
+    return int(segment_id) % partitions
+
+
+def encode_traversals(source: int, watermark: float | None, traversals: Sequence[Traversal]) -> bytes:
+    """One traversals-topic message: the source's watermark and a column batch of traversals."""
+    return json.dumps({
+        "source": source,
+        "watermark": watermark,
+        "segment_id": [t.segment_id for t in traversals],
+        "device": [t.device for t in traversals],
+        "t_enter": [t.t_enter for t in traversals],
+        "t_exit": [t.t_exit for t in traversals],
+        "fraction": [t.fraction for t in traversals],
+    }, separators=(",", ":")).encode()
+
+
+@dataclass
+class TraversalBatch:
+    """Decoded traversals-topic message."""
+
+    source: int
+    watermark: float | None
+    segment_id: np.ndarray
+    device: list[str]
+    t_enter: np.ndarray
+    t_exit: np.ndarray
+    fraction: np.ndarray
+
+
+def decode_traversals(value: bytes) -> TraversalBatch:
+    """Inverse of :func:`encode_traversals`. Raises ``ValueError`` on a foreign message."""
+    try:
+        d = json.loads(value)
+        return TraversalBatch(
+            int(d["source"]), None if d["watermark"] is None else float(d["watermark"]),
+            np.asarray(d["segment_id"], dtype=np.int64), list(d["device"]),
+            np.asarray(d["t_enter"], dtype=float), np.asarray(d["t_exit"], dtype=float),
+            np.asarray(d["fraction"], dtype=float),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a traversals message: {exc}") from None
+
+
+def split_by_partition(traversals: Sequence[Traversal], partitions: int) -> dict[int, list[Traversal]]:
+    """Traversals grouped by the traversals-topic partition of their segment."""
+    out: dict[int, list[Traversal]] = {}
+    for t in traversals:
+        out.setdefault(segment_partition(t.segment_id, partitions), []).append(t)
+    return out
+
+
+def encode_speed(speed: SegmentSpeed) -> tuple[bytes, bytes]:
+    """``(key, value)`` of a segment-speeds message: key = segment id, value = the JSON wire form."""
+    return str(speed.segment_id).encode(), json.dumps(speed.to_dict(), separators=(",", ":")).encode()
