@@ -208,20 +208,27 @@ def bench_leuven(net: RoadNetwork, traces: list[SimTrace], runs: int) -> dict:
     def run():
         out = []
         for path in paths:
+            # Non-emitting states let it pass several graph edges between two fixes: without them it
+            # stops after a few pings here (segments are split at their inner vertices, so one
+            # 5-s step crosses several edges) and "matches" only the first ~5 % of each trace.
             mt = DistanceMatcher(m, max_dist=50, max_dist_init=50, obs_noise=10, obs_noise_ne=20,
-                                 dist_noise=10, non_emitting_states=False, only_edges=True, max_lattice_width=8)
+                                 dist_noise=10, non_emitting_states=True, only_edges=True, max_lattice_width=8)
             states, _ = mt.match(path)
-            out.append(states)
+            per_ping = {}
+            for node in mt.lattice_best:
+                if node.is_emitting:
+                    per_ping[node.obs] = (node.edge_m.l1, node.edge_m.l2)
+            out.append((states, per_ping))
         return out
 
     wall, cpu = _timed(run, runs)
     acc_route, acc_ping = [], []
-    for t, states in zip(traces, run()):
+    for t, (states, per_ping) in zip(traces, run()):
         rows = np.full(len(t.pings), -1)
-        for k, st in enumerate(states):
-            rows[k] = edge_segment.get(tuple(st), -1)
+        for k, edge in per_ping.items():
+            rows[k] = edge_segment.get(tuple(edge), -1)
         acc_ping.append(_ping_accuracy(net, t, rows))
-        acc_route.append(_route_accuracy_rows(net, t, rows.tolist()))
+        acc_route.append(_route_accuracy_rows(net, t, [edge_segment.get(tuple(st), -1) for st in states]))
     return {"n": n, "rate": _rate(n, wall), "rate_cpu": _rate(n, cpu),
             "acc_route": float(np.mean(acc_route)), "acc_ping": float(np.mean(acc_ping))}
 
@@ -278,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| roadpulse batch, on the peers' {args.peer_traces} traces | {args.peer_traces} | | | {acc_r_sub:.3f} | {acc_p_sub:.3f} |")
     for name, r in peers.items():
         ratio = ours["batch"][0] / r["rate"][0]
+        ratio_cpu = ours["batch_cpu"][0] / r["rate_cpu"][0]
         print(f"| {name} | {args.peer_traces} ({r['n']}) | {_fmt(r['rate'])} | {_fmt(r['rate_cpu'])} | "
-              f"{r['acc_route']:.3f} | {r['acc_ping']:.3f} |  ours batch / peer = {ratio:,.0f}×")
+              f"{r['acc_route']:.3f} | {r['acc_ping']:.3f} |  ours batch / peer = {ratio:,.0f}× wall, "
+              f"{ratio_cpu:,.0f}× CPU")
     return 0
 
 

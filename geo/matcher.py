@@ -3,7 +3,7 @@
 The model is Newson & Krumm's (2009) hidden Markov model:
 
 * **states** are candidate road positions ``(segment, offset)`` within a search radius of a ping
-  (:meth:`geo.network.RoadNetwork.nearby_segments`, one vectorised call per batch of pings);
+  (:meth:`geo.network.RoadNetwork.nearby_segments`, one call per batch of pings);
 * **emission**: a Gaussian in the point-to-segment distance, ``-0.5 (d / sigma)^2`` in log space,
   with ``sigma`` from the ping's ``accuracy_m`` when it has one;
 * **transition**: exponential in ``|route distance - straight-line distance|`` with scale
@@ -22,6 +22,13 @@ so it can live in a Faust table.
 Batch matching (:func:`match_trace`) is the same engine fed the whole trace at once, so online and
 batch results agree wherever the lag bound does not force an early decision.
 
+Speed: the per-ping work is sequential and tiny (a handful of candidates), so it runs compiled
+(numba, :mod:`geo.kernels`): one candidate search for all pings of a push, then per device one
+call of the Viterbi recursion (transitions from the route table's rows, exact pruning of
+hypotheses that cannot win, convergence and lag decisions) and one of the traversal builder.
+The numpy code of :meth:`OnlineMatcher._transitions` remains the reference for steps whose routes
+exceed the route table's bound (a bounded Dijkstra), which the compiled recursion hands back.
+
 Lag contract: a ping's candidate is decided no later than the first push that brings a ping at
 least ``max_lag_s`` newer; a traversal is emitted when the ping following its exit is decided.
 """
@@ -32,11 +39,12 @@ import copy
 import struct
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from geo import kernels as K
 from geo.model import Ping, Traversal
 from geo.network import RoadNetwork
 from geo.routing import DEFAULT_DELTA_M, RouteTable
@@ -118,15 +126,12 @@ class MatcherConfig:
 
 
 # --------------------------------------------------------------------------- state
-@dataclass
-class _Step:
-    """One ping in the undecided window: its candidates and back pointers into the previous step."""
+def _empty_i() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
 
-    ts: float
-    seq: int
-    segs: np.ndarray   # int64 segment rows
-    offs: np.ndarray   # float64 offsets (float32-exact, so they round-trip through to_bytes)
-    bp: np.ndarray     # int64 index into the previous step's candidates (-1 for the first step)
+
+def _empty_f() -> np.ndarray:
+    return np.zeros(0, dtype=np.float64)
 
 
 @dataclass
@@ -135,6 +140,14 @@ class MatcherState:
 
     Small (typically a few hundred bytes serialised) and exactly serialisable with
     :meth:`to_bytes` / :meth:`from_bytes`.
+
+    The undecided window of the Viterbi lattice is kept flat (what the compiled kernels work on):
+    one entry per step (ping) in ``step_ts`` / ``step_seq``, the steps' candidates in CSR form
+    (``step_ptr``, ``S + 1`` entries) in ``cand_seg`` (segment rows), ``cand_off`` (metres,
+    float32-exact so they round-trip through :meth:`to_bytes`) and ``cand_bp`` (index of the
+    candidate's best predecessor in the previous step, -1 in the first step), and ``scores``
+    (log-likelihood of the newest step's candidates, relative to the best). Arrays are never
+    modified in place, so copies may share them.
     """
 
     device: str = ""
@@ -143,8 +156,13 @@ class MatcherState:
     last_lat: float = float("nan")
     seq: int = 0
     trip: int = 0
-    steps: list[_Step] = field(default_factory=list)
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_ts: np.ndarray = field(default_factory=_empty_f)
+    step_seq: np.ndarray = field(default_factory=_empty_i)
+    step_ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    cand_seg: np.ndarray = field(default_factory=_empty_i)
+    cand_off: np.ndarray = field(default_factory=_empty_f)
+    cand_bp: np.ndarray = field(default_factory=_empty_i)
+    scores: np.ndarray = field(default_factory=_empty_f)
     last_xy: tuple[float, float] = (0.0, 0.0)
     anchored: bool = False
     open_seg: int = -1
@@ -155,16 +173,14 @@ class MatcherState:
 
     def copy(self) -> "MatcherState":
         """Shallow copy (arrays are never modified in place, so sharing them is safe)."""
-        return MatcherState(
-            self.device, self.last_ts, self.last_lon, self.last_lat, self.seq, self.trip, list(self.steps),
-            self.scores, self.last_xy, self.anchored, self.open_seg, self.open_t_enter, self.open_entry_off,
-            self.pos_off, self.outliers,
-        )
+        twin = object.__new__(MatcherState)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     @property
     def window_pings(self) -> int:
         """Pings in the undecided window (including the decided anchor)."""
-        return len(self.steps)
+        return len(self.step_ts)
 
     # ------------------------------------------------------------ serialisation
     _HEAD = struct.Struct("<BBBxiqqdddddddddi")
@@ -172,9 +188,8 @@ class MatcherState:
 
     def to_bytes(self) -> bytes:
         """Compact binary form (little-endian); :meth:`from_bytes` restores it exactly."""
-        steps = _compact(self.steps)
         dev = self.device.encode()
-        n = len(steps)
+        n = len(self.step_ts)
         head = self._HEAD.pack(
             self._VERSION, int(self.anchored), min(len(dev), 255), n, self.seq, self.trip,
             self.last_ts, self.last_lon, self.last_lat, self.last_xy[0], self.last_xy[1],
@@ -182,13 +197,10 @@ class MatcherState:
         )
         parts = [head, dev[:255], struct.pack("<i", self.outliers)]
         if n:
-            ts = np.array([s.ts for s in steps], dtype="<f8")
-            seq = np.array([self.seq - s.seq for s in steps], dtype="<u4")
-            counts = np.array([len(s.segs) for s in steps], dtype="<u1")
-            segs = np.concatenate([s.segs for s in steps]).astype("<i4")
-            offs = np.concatenate([s.offs for s in steps]).astype("<f4")
-            bp = np.concatenate([np.maximum(s.bp, 0) for s in steps]).astype("<u1")
-            parts += [ts.tobytes(), seq.tobytes(), counts.tobytes(), segs.tobytes(), offs.tobytes(), bp.tobytes(),
+            ptr, segs, offs, bp = _compact(self.step_ptr, self.cand_seg, self.cand_off, self.cand_bp)
+            parts += [self.step_ts.astype("<f8").tobytes(), (self.seq - self.step_seq).astype("<u4").tobytes(),
+                      np.diff(ptr).astype("<u1").tobytes(), segs.astype("<i4").tobytes(),
+                      offs.astype("<f4").tobytes(), np.maximum(bp, 0).astype("<u1").tobytes(),
                       np.asarray(self.scores, dtype="<f8").tobytes()]
         return b"".join(parts)
 
@@ -211,61 +223,58 @@ class MatcherState:
         pos += dev_len
         (outliers,) = struct.unpack_from("<i", data, pos)
         pos += 4
-        st = cls(device, last_ts, last_lon, last_lat, seq, trip, [], np.zeros(0), (x, y), bool(anchored), open_seg,
-                 t_enter, entry_off, pos_off, outliers)
+        st = cls(device, last_ts, last_lon, last_lat, seq, trip, last_xy=(x, y), anchored=bool(anchored),
+                 open_seg=open_seg, open_t_enter=t_enter, open_entry_off=entry_off, pos_off=pos_off,
+                 outliers=outliers)
         if n:
             def take(dtype: str, count: int) -> np.ndarray:
                 nonlocal pos
+                if count < 0 or pos + count * np.dtype(dtype).itemsize > len(data):
+                    raise ValueError("not a matcher state (truncated)")
                 arr = np.frombuffer(data, dtype=dtype, count=count, offset=pos)
                 pos += arr.nbytes
                 return arr
 
-            ts = take("<f8", n)
-            dseq = take("<u4", n)
+            st.step_ts = take("<f8", n).astype(np.float64)
+            st.step_seq = seq - take("<u4", n).astype(np.int64)
             counts = take("<u1", n).astype(np.int64)
             total = int(counts.sum())
-            segs = take("<i4", total).astype(np.int64)
-            offs = take("<f4", total).astype(np.float64)
-            bp = take("<u1", total).astype(np.int64)
-            st.scores = take("<f8", int(counts[-1])).copy()
-            ptr = np.concatenate([[0], np.cumsum(counts)])
-            for k in range(n):
-                a, b = ptr[k], ptr[k + 1]
-                st.steps.append(_Step(float(ts[k]), seq - int(dseq[k]), segs[a:b], offs[a:b],
-                                      bp[a:b] if k else np.full(b - a, -1, dtype=np.int64)))
+            st.step_ptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(counts, out=st.step_ptr[1:])
+            st.cand_seg = take("<i4", total).astype(np.int64)
+            st.cand_off = take("<f4", total).astype(np.float64)
+            st.cand_bp = take("<u1", total).astype(np.int64)
+            st.cand_bp[:counts[0]] = -1
+            st.scores = take("<f8", int(counts[-1])).astype(np.float64)
         if pos != len(data):
             raise ValueError("not a matcher state (trailing bytes)")
         return st
 
 
-def _compact(steps: list[_Step]) -> list[_Step]:
-    """Drop candidates of intermediate steps that no surviving hypothesis passes through."""
-    if len(steps) < 3:
-        return steps
-    out = [steps[-1]]
-    keep = np.unique(steps[-1].bp)
-    for k in range(len(steps) - 2, 0, -1):
-        s = steps[k]
-        if len(keep) == len(s.segs):
-            out.append(s)
-            keep = np.unique(s.bp)
-            continue
-        remap = np.full(len(s.segs), -1, dtype=np.int64)
-        remap[keep] = np.arange(len(keep))
-        child = out[-1]
-        out[-1] = _Step(child.ts, child.seq, child.segs, child.offs, remap[child.bp])
-        out.append(_Step(s.ts, s.seq, s.segs[keep], s.offs[keep], s.bp[keep]))
-        keep = np.unique(s.bp[keep])
-    s = steps[0]
-    if len(keep) != len(s.segs):
-        remap = np.full(len(s.segs), -1, dtype=np.int64)
-        remap[keep] = np.arange(len(keep))
-        child = out[-1]
-        out[-1] = _Step(child.ts, child.seq, child.segs, child.offs, remap[child.bp])
-        s = _Step(s.ts, s.seq, s.segs[keep], s.offs[keep], s.bp[keep])
-    out.append(s)
-    out.reverse()
-    return out
+def _compact(ptr: np.ndarray, segs: np.ndarray, offs: np.ndarray,
+             bp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Drop candidates of earlier steps that no surviving hypothesis passes through (windows of 3+ steps)."""
+    n = len(ptr) - 1
+    if n < 3:
+        return ptr, segs, offs, bp
+    keep = np.ones(len(segs), dtype=bool)
+    for k in range(n - 1, 0, -1):
+        lo = ptr[k - 1]
+        child = bp[ptr[k]:ptr[k + 1]][keep[ptr[k]:ptr[k + 1]]]
+        used = np.zeros(ptr[k] - lo, dtype=bool)
+        used[child] = True
+        keep[lo:ptr[k]] = used
+    if keep.all():
+        return ptr, segs, offs, bp
+    # New index of each kept candidate within its step, to remap the back pointers.
+    new_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.add.reduceat(keep.astype(np.int64), ptr[:-1]), out=new_ptr[1:])
+    step = np.repeat(np.arange(n), np.diff(ptr))
+    rank = np.cumsum(keep) - 1 - new_ptr[step]
+    new_bp = bp.copy()
+    later = ptr[1]
+    new_bp[later:] = rank[ptr[step[later:] - 1] + bp[later:]]
+    return new_ptr, segs[keep], offs[keep], new_bp[keep]
 
 
 @dataclass
@@ -308,9 +317,14 @@ def route_table(network: RoadNetwork, delta_m: float = DEFAULT_DELTA_M, uturn_pe
 
 
 class _Batch:
-    """Candidates and transitions for the accepted pings of one push, computed vectorised."""
+    """Candidates of the accepted pings of one push (all devices), from one vectorised search."""
 
-    __slots__ = ("ts", "xy", "sigma", "cand_ptr", "segs", "offs", "emis", "dist", "snap")
+    __slots__ = ("ts", "x", "y", "sigma", "cand_ptr", "segs", "offs", "emis")
+
+
+_NO_PRE = np.zeros((0, 0))
+#: Pushes of up to this many pings project coordinates one by one (see ``_candidates``).
+_SCALAR_PROJECTION_MAX = 8
 
 
 class OnlineMatcher:
@@ -334,6 +348,40 @@ class OnlineMatcher:
         self._from = network.from_node
         self._vmax = config.max_speed_kmh / 3.6
         self._max_lag_s = config.max_lag_s
+        t = self.table
+        # Arguments of the compiled kernels, bound once (numba's per-call cost grows with them).
+        self._net_args = (network.length_m, network.reverse_of, t.row_ptr, t.col, t.gap_m)
+        self._emit_args = (network.length_m, network.reverse_of, t.row_ptr, t.col, t.gap_m, t.pred,
+                           float(config.uturn_penalty_m), MIN_COVER_M)
+        self._cf = self._config_vector(self._max_lag_s)
+
+    def _config_vector(self, max_lag_s: float) -> np.ndarray:
+        cfg = self.config
+        cf = np.zeros(K.N_CONFIG)
+        cf[K.CF_MAX_GAP_S] = cfg.max_gap_s
+        cf[K.CF_BEAM] = cfg.beam
+        cf[K.CF_MAX_DETOUR_M] = cfg.max_detour_m
+        cf[K.CF_VMAX_MPS] = self._vmax
+        cf[K.CF_SPEED_SLACK_M] = cfg.speed_slack_m
+        cf[K.CF_UTURN_M] = cfg.uturn_penalty_m
+        cf[K.CF_BACKTRACK_M] = cfg.backtrack_m
+        cf[K.CF_BETA_M] = cfg.beta_m
+        cf[K.CF_BETA_SIGMAS] = cfg.beta_sigmas
+        cf[K.CF_MAX_LAG_S] = max_lag_s
+        cf[K.CF_DELTA_M] = self.table.delta_m
+        cf[K.CF_MAX_OUTLIERS] = cfg.max_outliers
+        return cf
+
+    def _without_lag(self) -> "OnlineMatcher":
+        """This matcher for whole traces: plain Viterbi, no lag bound (decisions at convergence or the end)."""
+        twin = self.__dict__.get("_unlagged")
+        if twin is None:
+            twin = copy.copy(self)
+            twin._max_lag_s = float("inf")
+            twin._cf = twin._config_vector(twin._max_lag_s)
+            twin._unlagged = twin
+            self._unlagged = twin
+        return twin
 
     def new_state(self) -> MatcherState:
         """An empty state for a device not seen before."""
@@ -345,103 +393,125 @@ class OnlineMatcher:
 
         Deterministic: the same state and pings give the same result and the same new state.
         """
-        return self.push_many([(state, pings)])[0]
+        return self._push_many([(state, pings)])[0][0]
 
     def push_many(self, items: Sequence[tuple[MatcherState, Sequence[Ping]]]) -> list[MatchResult]:
         """:meth:`push` for many devices at once, with one vectorised candidate search for all.
 
         This is how a stream operator should call the matcher with a batch of records.
         """
-        return [r for r, _ in self._push_many(items, None)]
+        return [r[0] for r in self._push_many(items)]
 
     def finish(self, state: MatcherState) -> MatchResult:
         """End the device's trip (trip over, or device timed out): decide and emit everything."""
         st = state.copy()
-        out: list[Traversal] = []
-        self._end_trip(st, out, None)
-        return MatchResult(st, out)
+        res = MatchResult(st, [])
+        self._run(st, None, 0, 0, res, finish=True)
+        return res
 
     # ---------------------------------------------------------------- internals
     def _push_many(
         self,
         items: Sequence[tuple[MatcherState, Sequence[Ping]]],
-        sink: Callable[[int, int, float], None] | None,
         inplace: bool = False,
-    ) -> list[tuple[MatchResult, list[int | str]]]:
-        """Push for many devices; also returns, per ping, its step number or its drop reason."""
-        cfg = self.config
+        finish: bool = False,
+        decided: list | None = None,
+    ) -> list[tuple[MatchResult, list[int], dict[int, str], np.ndarray]]:
+        """Push for many devices.
+
+        Returns, per device, its result, the indices of the pings accepted by the screening, the
+        screening's drop reasons (ping index -> reason) and each accepted ping's step number (or an
+        ``ST_*`` code when the model dropped it). ``finish`` ends every trip after its pings;
+        ``decided`` collects the decided positions ``(seq, seg, off, trip)`` arrays of each device
+        (for :func:`match_trace`).
+        """
         # 1. Per-device screening (duplicates, order) in plain Python: cheap and sequential.
-        states, accepted, results, statuses = [], [], [], []
+        states, accepted, results, screened = [], [], [], []
         for state, pings in items:
             st = state if inplace else state.copy()
             dropped: Counter[str] = Counter()
             keep: list[Ping] = []
-            status: list[int | str] = []
-            for p in pings:
-                reason = ""
-                if not st.device:
-                    st.device = p.device
-                elif p.device != st.device:
-                    reason = "device_mismatch"
-                if not reason and p.ts < st.last_ts:
-                    reason = "out_of_order"
-                if not reason and p.ts == st.last_ts and p.lat == st.last_lat and p.lon == st.last_lon:
-                    reason = "duplicate"
-                if reason:
-                    dropped[reason] += 1
-                    status.append(reason)
+            kept_at: list[int] = []
+            drops: dict[int, str] = {}
+            device, last_ts, last_lat, last_lon = st.device, st.last_ts, st.last_lat, st.last_lon
+            for i, p in enumerate(pings):
+                if not device:
+                    device = p.device
+                elif p.device != device:
+                    drops[i] = "device_mismatch"
                     continue
-                st.last_ts, st.last_lat, st.last_lon = p.ts, p.lat, p.lon
-                status.append(len(keep))
+                ts = p.ts
+                if ts < last_ts:
+                    drops[i] = "out_of_order"
+                    continue
+                if ts == last_ts and p.lat == last_lat and p.lon == last_lon:
+                    drops[i] = "duplicate"
+                    continue
+                last_ts, last_lat, last_lon = ts, p.lat, p.lon
+                kept_at.append(i)
                 keep.append(p)
+            if drops:
+                dropped.update(drops.values())
+            st.device, st.last_ts, st.last_lat, st.last_lon = device, last_ts, last_lat, last_lon
             states.append(st)
             accepted.append(keep)
-            statuses.append(status)
+            screened.append((kept_at, drops))
             results.append(MatchResult(st, [], 0, 0, dropped))
-        flat = [p for keep in accepted for p in keep]
+        flat = [p for keep in accepted for p in keep] if len(accepted) > 1 else accepted[0] if accepted else []
         batch = self._candidates(flat) if flat else None
         start = 0
         out = []
-        for st, keep, res, status in zip(states, accepted, results, statuses):
-            seqs: list[int | str] = [-1] * len(keep)
-            if keep:
-                self._run(st, batch, start, len(keep), res, sink, seqs)
+        for st, keep, res, (kept_at, drops) in zip(states, accepted, results, screened):
+            seqs = self._run(st, batch, start, len(keep), res, finish, decided) if keep or finish else _EMPTY_I
             start += len(keep)
             res.unmatched = sum(v for k, v in res.dropped.items() if k not in SPLIT_REASONS)
-            out.append((res, [s if isinstance(s, str) else seqs[s] for s in status]))
+            out.append((res, kept_at, drops, seqs))
         return out
 
-    def _candidates(self, pings: list[Ping]) -> _Batch:
+    def _candidates(self, pings: Sequence[Ping]) -> _Batch:
         cfg = self.config
         n = len(pings)
         b = _Batch()
-        b.ts = np.fromiter((p.ts for p in pings), dtype=np.float64, count=n)
-        lon = np.fromiter((p.lon for p in pings), dtype=np.float64, count=n)
-        lat = np.fromiter((p.lat for p in pings), dtype=np.float64, count=n)
+        b.ts = np.fromiter([p.ts for p in pings], dtype=np.float64, count=n)
         sigma = np.full(n, cfg.sigma_m)
         if cfg.use_accuracy:
-            acc = np.fromiter((np.nan if p.accuracy_m is None else p.accuracy_m for p in pings), dtype=np.float64, count=n)
+            acc = np.fromiter([np.nan if p.accuracy_m is None else p.accuracy_m for p in pings], dtype=np.float64,
+                              count=n)
             has = np.isfinite(acc)
-            sigma[has] = np.clip(acc[has], cfg.min_sigma_m, cfg.max_sigma_m)
+            if has.any():
+                sigma[has] = np.clip(acc[has], cfg.min_sigma_m, cfg.max_sigma_m)
         b.sigma = sigma
-        b.xy = self.network.to_xy(lon, lat)
+        if n <= _SCALAR_PROJECTION_MAX:
+            # A few pings (a single device's push): pyproj's scalar path is ~10x cheaper a call
+            # than its array path, and gives the same numbers.
+            fwd = self.network._fwd.transform
+            xy = [fwd(p.lon, p.lat) for p in pings]
+            b.x = np.array([v[0] for v in xy])
+            b.y = np.array([v[1] for v in xy])
+        else:
+            lon = np.fromiter([p.lon for p in pings], dtype=np.float64, count=n)
+            lat = np.fromiter([p.lat for p in pings], dtype=np.float64, count=n)
+            xy = self.network.to_xy(lon, lat)
+            b.x = np.ascontiguousarray(xy[:, 0])
+            b.y = np.ascontiguousarray(xy[:, 1])
         radius = np.maximum(cfg.search_radius_m, cfg.radius_sigmas * sigma)
-        near = self.network.nearby_segments(b.xy, radius, max_per_point=cfg.max_candidates)
-        ptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(near.point, minlength=n), out=ptr[1:])
+        ptr, seg, dist, off = self.network._nearby_csr(b.x, b.y, radius, cfg.max_candidates)[:4]
         b.cand_ptr = ptr
-        b.segs = near.segment
+        b.segs = seg
         # float32-exact offsets: the state stores them as float32 and must round-trip exactly.
-        b.offs = near.offset_m.astype(np.float32).astype(np.float64)
-        b.dist = near.distance_m
-        b.emis = -0.5 * (near.distance_m / sigma[near.point]) ** 2
+        b.offs = off.astype(np.float32).astype(np.float64)
+        b.emis = -0.5 * (dist / np.repeat(sigma, np.diff(ptr))) ** 2
         return b
 
     def _transitions(
         self, sa: np.ndarray, oa: np.ndarray, xa: tuple[float, float], ta: float,
-        sb: np.ndarray, ob: np.ndarray, xb: np.ndarray, tb: float, sigma_b: float,
+        sb: np.ndarray, ob: np.ndarray, xb: tuple[float, float], tb: float, sigma_b: float,
     ) -> np.ndarray:
-        """Log transition scores between two steps' candidates, shape (len(sa), len(sb))."""
+        """Log transition scores between two steps' candidates, shape (len(sa), len(sb)).
+
+        The vectorised reference of the compiled recursion's transitions; used for steps whose
+        routes may exceed the route table's bound (bounded Dijkstra).
+        """
         ka, kb = len(sa), len(sb)
         gc = float(np.hypot(xb[0] - xa[0], xb[1] - xa[1]))
         n = ka * kb
@@ -449,29 +519,6 @@ class OnlineMatcher:
             np.repeat(sa, kb), np.repeat(oa, kb), np.tile(sb, ka), np.tile(ob, ka),
             np.full(n, gc), np.full(n, tb - ta), np.full(n, sigma_b),
         ).reshape(ka, kb)
-
-    def _batch_transitions(self, b: _Batch, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Transition scores between all candidates of consecutive ``kept`` pings, in one go.
-
-        Returns the flat scores and the offset of each pair's (k_prev x k_next) block in them.
-        """
-        ptr = b.cand_ptr
-        p, q = kept[:-1], kept[1:]
-        ka = ptr[p + 1] - ptr[p]
-        kb = ptr[q + 1] - ptr[q]
-        sizes = ka * kb
-        block = np.zeros(len(p) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=block[1:])
-        pair = np.repeat(np.arange(len(p)), sizes)
-        r = np.arange(int(block[-1])) - block[pair]
-        kbp = kb[pair]
-        ia = ptr[p][pair] + r // kbp
-        ib = ptr[q][pair] + r % kbp
-        gc = np.hypot(*(b.xy[q] - b.xy[p]).T)
-        dt = b.ts[q] - b.ts[p]
-        scores = self._combo_scores(b.segs[ia], b.offs[ia], b.segs[ib], b.offs[ib], gc[pair], dt[pair],
-                                    b.sigma[q][pair])
-        return scores, block
 
     def _combo_scores(self, sa: np.ndarray, oa: np.ndarray, sb: np.ndarray, ob: np.ndarray,
                       gc: np.ndarray, dt: np.ndarray, sigma_b: np.ndarray) -> np.ndarray:
@@ -522,236 +569,155 @@ class OnlineMatcher:
         route[route > lim] = np.inf
         return route
 
-    # -- the sequential part: Viterbi recursion, convergence, fixed lag
-    def _run(self, st: MatcherState, b: _Batch, start: int, count: int, res: MatchResult,
-             sink: Callable[[int, int, float], None] | None, seqs: list[int | str]) -> None:
-        cfg = self.config
-        out = res.traversals
-        ptr = b.cand_ptr
-        counts = ptr[start + 1:start + count + 1] - ptr[start:start + count]
-        kept = start + np.flatnonzero(counts > 0)
-        pre, block = self._batch_transitions(b, kept) if len(kept) > 1 else (None, None)
-        pair_of = {int(q): j for j, q in enumerate(kept[1:].tolist())}
-        # Ping (batch row) of the newest step and which of its candidates survive, while known.
-        prev_ping, prev_alive = -1, None
-        for i in range(start, start + count):
-            c0, c1 = ptr[i], ptr[i + 1]
-            if c0 == c1:
-                res.dropped["no_candidate"] += 1
-                seqs[i - start] = "no_candidate"
-                continue
-            ts = float(b.ts[i])
-            segs, offs, emis = b.segs[c0:c1], b.offs[c0:c1], b.emis[c0:c1]
-            if st.steps and ts - st.steps[-1].ts > cfg.max_gap_s:
-                res.dropped["gap_split"] += 1
-                self._end_trip(st, out, sink)
-            if not st.steps:
-                scores = emis - emis.max()
-                alive = np.flatnonzero(scores >= -cfg.beam)
-                self._append(st, ts, segs[alive], offs[alive], np.full(len(alive), -1), scores[alive], b.xy[i])
-                prev_ping, prev_alive = i, alive
-                seqs[i - start] = st.seq - 1
-                res.matched += 1
-                kept_new = self._decide_ready(st, out, sink)
-                if kept_new is not None:
-                    prev_alive = prev_alive[kept_new]
-                continue
-            prev = st.steps[-1]
-            j = pair_of.get(i, -1)
-            if j >= 0 and prev_ping == int(kept[j]):
-                kb = c1 - c0
-                trans = pre[block[j]:block[j + 1]].reshape(-1, kb)[prev_alive]
-            else:
-                trans = self._transitions(prev.segs, prev.offs, st.last_xy, prev.ts, segs, offs, b.xy[i], ts,
-                                          float(b.sigma[i]))
-            tot = st.scores[:, None] + trans
-            bp = np.argmax(tot, axis=0)
-            best = tot[bp, np.arange(len(segs))] + emis
-            top = best.max()
-            if not np.isfinite(top):
-                st.outliers += 1
-                if st.outliers <= cfg.max_outliers:
-                    res.dropped["no_transition"] += 1
-                    seqs[i - start] = "no_transition"
-                    continue
-                res.dropped["break_split"] += 1
-                self._end_trip(st, out, sink)
-                scores = emis - emis.max()
-                alive = np.flatnonzero(scores >= -cfg.beam)
-                self._append(st, ts, segs[alive], offs[alive], np.full(len(alive), -1), scores[alive], b.xy[i])
-            else:
-                st.outliers = 0
-                scores = best - top
-                alive = np.flatnonzero(scores >= -cfg.beam)
-                self._append(st, ts, segs[alive], offs[alive], bp[alive], scores[alive], b.xy[i])
-            prev_ping, prev_alive = i, alive
-            seqs[i - start] = st.seq - 1
-            res.matched += 1
-            kept_new = self._decide_ready(st, out, sink)
-            if kept_new is not None:
-                prev_alive = prev_alive[kept_new]
+    # -- the sequential part (compiled): Viterbi recursion, convergence, fixed lag, traversals
+    def _run(self, st: MatcherState, b: _Batch | None, start: int, count: int, res: MatchResult,
+             finish: bool = False, decided: list | None = None) -> np.ndarray:
+        """Feed one device's accepted pings (batch rows ``start:start + count``) into its state.
 
-    def _append(self, st: MatcherState, ts: float, segs: np.ndarray, offs: np.ndarray, bp: np.ndarray,
-                scores: np.ndarray, xy: np.ndarray) -> None:
-        st.steps.append(_Step(ts, st.seq, segs, offs, bp))
-        st.seq += 1
-        st.scores = scores
-        st.last_xy = (float(xy[0]), float(xy[1]))
-
-    def _decide_ready(self, st: MatcherState, out: list[Traversal], sink) -> np.ndarray | None:
-        """Decide the converged prefix, then anything older than the lag bound.
-
-        Returns which candidates of the newest step survive (indices into it), or ``None`` if all do.
+        Updates ``st`` and ``res``; returns each ping's step number or ``ST_*`` code.
         """
-        steps = st.steps
-        first = 1 if st.anchored else 0
-        last = len(steps) - 1
-        kept: np.ndarray | None = None
-        # Convergence: walk back until all surviving hypotheses share one ancestor.
-        conv = -1
-        conv_idx = 0
-        if len(steps[-1].segs) == 1:
-            conv, conv_idx = last, 0
+        if b is None:
+            p_ts = p_x = p_y = p_sig = _EMPTY_F
+            c_ptr = np.zeros(1, dtype=np.int64)
+            c_seg, c_off, c_emis = _EMPTY_I, _EMPTY_F, _EMPTY_F
         else:
-            anc = set(steps[-1].bp.tolist())
-            k = last - 1
-            while k >= first:
-                if len(anc) == 1:
-                    conv, conv_idx = k, next(iter(anc))
-                    break
-                bpk = steps[k].bp
-                anc = {int(bpk[a]) for a in anc}
-                k -= 1
-        if conv >= first:
-            kept = self._decide(st, conv, conv_idx, out, sink)
-        # Fixed lag: force the best hypothesis for steps older than max_lag_s.
-        steps = st.steps
-        first = 1 if st.anchored else 0
-        horizon = steps[-1].ts - self._max_lag_s
-        due = -1
-        for k in range(len(steps) - 1, first - 1, -1):
-            if steps[k].ts <= horizon:
-                due = k
+            end = start + count
+            p_ts, p_x, p_y, p_sig = b.ts[start:end], b.x[start:end], b.y[start:end], b.sigma[start:end]
+            c_ptr = b.cand_ptr[start:end + 1]
+            c_seg, c_off, c_emis = b.segs, b.offs, b.emis
+        status = np.empty(count, dtype=np.int64)
+        sc = np.array([float(st.anchored), st.outliers, st.seq, st.trip, st.last_xy[0], st.last_xy[1], 0.0, 0.0])
+        anchored = st.anchored and len(st.step_ts) > 0
+        ot = np.array([st.open_seg, st.open_t_enter, st.open_entry_off, st.pos_off,
+                       st.cand_seg[0] if anchored else -1, st.cand_off[0] if anchored else 0.0,
+                       st.step_ts[0] if anchored else 0.0])
+        window = (st.step_ts, st.step_seq, st.step_ptr, st.cand_seg, st.cand_off, st.cand_bp, st.scores)
+        trip0 = st.trip
+        i0, pre = 0, _NO_PRE
+        events = []
+        while True:
+            stop, S, M, _, E, wi, wf, ei, ef = K.viterbi_run(
+                *window, sc, p_ts, p_x, p_y, p_sig, c_ptr, c_seg, c_off, c_emis, i0, pre, finish, status,
+                *self._net_args, self._cf)
+            window = K.unpack_window(S, M, wi, wf)
+            if E:
+                events.append(K.unpack_events(E, ei, ef))
+            if stop == count:
                 break
-        if due >= first:
-            j = int(np.argmax(st.scores))
-            for k in range(len(steps) - 1, due, -1):
-                j = int(steps[k].bp[j])
-            keep = self._decide(st, due, j, out, sink)
-            kept = keep if kept is None else kept[keep]
-        return kept
+            # Routes may be longer than the table's bound: this step's transitions via Dijkstra.
+            w_ts, _, w_ptr, w_seg, w_off = window[:5]
+            a0, a1 = w_ptr[-2], w_ptr[-1]
+            c0, c1 = c_ptr[stop], c_ptr[stop + 1]
+            pre = self._transitions(w_seg[a0:a1], w_off[a0:a1], (sc[K.SC_X], sc[K.SC_Y]), float(w_ts[-1]),
+                                    c_seg[c0:c1], c_off[c0:c1], (p_x[stop], p_y[stop]), float(p_ts[stop]),
+                                    float(p_sig[stop]))
+            i0 = stop
+        (st.step_ts, st.step_seq, st.step_ptr, st.cand_seg, st.cand_off, st.cand_bp, st.scores) = window
+        anchored_f, outliers, seq, trip, x, y, gap_splits, break_splits = sc.tolist()
+        st.anchored = bool(anchored_f)
+        st.outliers = int(outliers)
+        st.seq = int(seq)
+        st.trip = int(trip)
+        st.last_xy = (x, y)
+        n_dropped = count - int(np.count_nonzero(status >= 0)) if count else 0
+        res.matched += count - n_dropped
+        if n_dropped:
+            no_cand = int(np.count_nonzero(status == K.ST_NO_CANDIDATE))
+            if no_cand:
+                res.dropped["no_candidate"] += no_cand
+            if n_dropped - no_cand:
+                res.dropped["no_transition"] += n_dropped - no_cand
+        if gap_splits:
+            res.dropped["gap_split"] += int(gap_splits)
+        if break_splits:
+            res.dropped["break_split"] += int(break_splits)
+        if events:
+            ek, eq, eg, eo, et = (np.concatenate(a) for a in zip(*events)) if len(events) > 1 else events[0]
+            if decided is not None:
+                trip = trip0 + np.cumsum(ek == K.EV_END) - (ek == K.EV_END)
+                pos = ek != K.EV_END
+                decided.append((eq[pos], eg[pos], eo[pos], trip[pos]))
+            self._traversals(st, ek, eg, eo, et, ot, res.traversals)
+        open_seg, st.open_t_enter, st.open_entry_off, st.pos_off = ot.tolist()[:4]
+        st.open_seg = int(open_seg)
+        return status
 
-    def _decide(self, st: MatcherState, c: int, j: int, out: list[Traversal], sink) -> np.ndarray:
-        """Fix candidate ``j`` of step ``c`` and its ancestors; emit the path up to it.
+    def _traversals(self, st: MatcherState, ek: np.ndarray, eg: np.ndarray, eo: np.ndarray, et: np.ndarray,
+                    ot: np.ndarray, out: list[Traversal]) -> None:
+        """Decided positions -> traversals (compiled; moves beyond the route table in Python)."""
+        e0, n = 0, len(ek)
+        ids = self.network.segment_ids
+        dev = st.device
+        cap = 4 * n + 64
+        while True:
+            stop, why, seg, t0, t1, frac = K.emit_traversals(ek, eg, eo, et, e0, ot, cap, *self._emit_args)
+            if len(seg):
+                out += [Traversal(i, dev, a, b_, f) for i, a, b_, f in
+                        zip(ids[seg].tolist(), t0.tolist(), t1.tolist(), frac.tolist())]
+            if stop == n:
+                return
+            if why == 2:  # output buffer full (long routes between decided pings): more room
+                cap *= 4
+                e0 = stop
+                continue
+            self._advance_far(st, ot, int(eg[stop]), float(eo[stop]), float(et[stop]), out)
+            e0 = stop + 1
 
-        Returns the indices of the newest step's candidates that survive.
-        """
-        steps = st.steps
-        chain = [0] * (c + 1)
-        chain[c] = j
-        for k in range(c, 0, -1):
-            chain[k - 1] = int(steps[k].bp[chain[k]])
-        first = 1 if st.anchored else 0
-        if not st.anchored:
-            s0 = steps[0]
-            i0 = chain[0]
-            st.open_seg = int(s0.segs[i0])
-            st.open_t_enter = s0.ts
-            st.open_entry_off = st.pos_off = float(s0.offs[i0])
-            if sink is not None:
-                sink(s0.seq, st.open_seg, st.pos_off)
-        for k in range(max(first, 1), c + 1):
-            a, bstep = steps[k - 1], steps[k]
-            self._advance(st, int(a.segs[chain[k - 1]]), float(a.offs[chain[k - 1]]), a.ts,
-                          int(bstep.segs[chain[k]]), float(bstep.offs[chain[k]]), bstep.ts, out)
-            if sink is not None:
-                sink(bstep.seq, int(bstep.segs[chain[k]]), float(bstep.offs[chain[k]]))
-        # Collapse step c to the chosen candidate; drop later hypotheses that do not descend from it.
-        sc = steps[c]
-        new = [_Step(sc.ts, sc.seq, sc.segs[j:j + 1], sc.offs[j:j + 1], np.full(1, -1))]
-        alive_prev = np.array([j])
-        for k in range(c + 1, len(steps)):
-            s = steps[k]
-            remap = np.full(len(steps[k - 1].segs), -1, dtype=np.int64)
-            remap[alive_prev] = np.arange(len(alive_prev))
-            nb = remap[s.bp]
-            keep = np.flatnonzero(nb >= 0)
-            new.append(_Step(s.ts, s.seq, s.segs[keep], s.offs[keep], nb[keep]))
-            alive_prev = keep
-        if len(alive_prev) != len(st.scores):
-            st.scores = st.scores[alive_prev]
-        st.steps = new
-        st.anchored = True
-        return alive_prev
-
-    def _advance(self, st: MatcherState, sa: int, oa: float, ta: float, sb: int, ob: float, tb: float,
-                 out: list[Traversal]) -> None:
-        """Move the decided position from (sa, oa) at ``ta`` to (sb, ob) at ``tb``, emitting traversals."""
-        cfg = self.config
+    def _advance_far(self, st: MatcherState, ot: np.ndarray, sb: int, ob: float, tb: float,
+                     out: list[Traversal]) -> None:
+        """Move the decided position from the previous one in ``ot`` to (sb, ob) at ``tb``, for a
+        pair beyond the route table's bound (bounded Dijkstra); emits traversals."""
+        sa, oa, ta = int(ot[K.OT_PREV_SEG]), float(ot[K.OT_PREV_OFF]), float(ot[K.OT_PREV_TS])
         L = self._len
-        if sa == sb:
-            # Forward along the segment, or backward jitter of a stopped device: no new segment.
-            st.pos_off = max(st.pos_off, ob)
-            return
         la = float(L[sa])
         dev = st.device
-        pred_row = None
-        try:
-            path = self.table.path_between(sa, sb)
-            gap = None
-        except KeyError:  # beyond the table's bound: the transition used a bounded Dijkstra
-            far, pred = self.table.distances_from(np.array([sa]), np.inf)
-            gap, pred_row = float(far[0, sb]), pred[0]
-            path = self.table.path_between(sa, sb, pred_row) if np.isfinite(gap) else None
+        far, pred = self.table.distances_from(np.array([sa]), np.inf)
+        gap = float(far[0, sb])
+        path = self.table.path_between(sa, sb, pred[0]) if np.isfinite(gap) else None
+        emitted: list[tuple[int, float, float, float]] = []
+
+        def close(seg: int, t_exit: float, exit_off: float) -> None:
+            ls = float(L[seg])
+            covered = exit_off - ot[K.OT_ENTRY_OFF]
+            frac = 1.0 if ls <= 0 else min(1.0, covered / ls)
+            # A touch of less than MIN_COVER_M (turning at a node, float rounding) is no traversal.
+            if covered >= MIN_COVER_M or frac >= 0.999:
+                emitted.append((seg, float(ot[K.OT_T_ENTER]), t_exit, frac))
+            ot[K.OT_SEG] = -1
+
+        done = False
         if int(self._rev[sa]) == sb:
-            if gap is None:
-                gap = self.table.gap_one(sa, sb)
             p = max(oa, la - ob)
             d1 = p - oa
             turn = d1 + (p - (la - ob))
             if turn + self.config.uturn_penalty_m <= (la - oa) + gap + ob:
                 t_turn = ta + (tb - ta) * (d1 / turn) if turn > 0 else ta
-                self._close(st, sa, t_turn, max(p, st.pos_off), out)
-                st.open_seg, st.open_t_enter, st.open_entry_off, st.pos_off = sb, t_turn, la - p, ob
-                return
-        assert path is not None
-        lens = [float(L[s]) for s in path]
-        total = (la - oa) + sum(lens) + ob
-        rate = (tb - ta) / total if total > 0 else 0.0
-        x = la - oa
-        t = ta + rate * x
-        self._close(st, sa, t, la, out)
-        for s, ls in zip(path, lens):
-            t_next = ta + rate * (x + ls)
-            out.append(Traversal(int(self.network.segment_ids[s]), dev, t, t_next, 1.0))
-            x += ls
-            t = t_next
-        st.open_seg, st.open_t_enter, st.open_entry_off, st.pos_off = sb, t, 0.0, ob
+                close(sa, t_turn, max(p, float(ot[K.OT_POS_OFF])))
+                ot[K.OT_SEG], ot[K.OT_T_ENTER], ot[K.OT_ENTRY_OFF], ot[K.OT_POS_OFF] = sb, t_turn, la - p, ob
+                done = True
+        if not done:
+            assert path is not None
+            lens = [float(L[s]) for s in path]
+            total = (la - oa) + sum(lens) + ob
+            rate = (tb - ta) / total if total > 0 else 0.0
+            x = la - oa
+            t = ta + rate * x
+            close(sa, t, la)
+            for s, ls in zip(path, lens):
+                t_next = ta + rate * (x + ls)
+                emitted.append((s, t, t_next, 1.0))
+                x += ls
+                t = t_next
+            ot[K.OT_SEG], ot[K.OT_T_ENTER], ot[K.OT_ENTRY_OFF], ot[K.OT_POS_OFF] = sb, t, 0.0, ob
+        ot[K.OT_PREV_SEG], ot[K.OT_PREV_OFF], ot[K.OT_PREV_TS] = sb, ob, tb
+        ids = self.network.segment_ids
+        out += [Traversal(int(ids[s]), dev, a, b_, f) for s, a, b_, f in emitted]
 
-    def _close(self, st: MatcherState, seg: int, t_exit: float, exit_off: float, out: list[Traversal]) -> None:
-        """Emit the open traversal of ``seg`` up to ``exit_off`` at ``t_exit``."""
-        la = float(self._len[seg])
-        covered = exit_off - st.open_entry_off
-        frac = 1.0 if la <= 0 else min(1.0, covered / la)
-        # A touch of less than MIN_COVER_M (turning at a node, float rounding) is no traversal.
-        if covered >= MIN_COVER_M or frac >= 0.999:
-            out.append(Traversal(int(self.network.segment_ids[seg]), st.device, st.open_t_enter, t_exit, frac))
-        st.open_seg = -1
 
-    def _end_trip(self, st: MatcherState, out: list[Traversal], sink) -> None:
-        """Decide the best path through the window, close the last traversal, reset the trip."""
-        if st.steps:
-            self._decide(st, len(st.steps) - 1, int(np.argmax(st.scores)), out, sink)
-            last = st.steps[-1]
-            if st.open_seg >= 0:
-                self._close(st, st.open_seg, last.ts, st.pos_off, out)
-        st.steps = []
-        st.scores = np.zeros(0)
-        st.anchored = False
-        st.open_seg = -1
-        st.pos_off = st.open_entry_off = 0.0
-        st.outliers = 0
-        st.trip += 1
+_EMPTY_I = np.zeros(0, dtype=np.int64)
+_EMPTY_F = np.zeros(0, dtype=np.float64)
+_REASON_OF_CODE = {K.ST_NO_CANDIDATE: "no_candidate", K.ST_NO_TRANSITION: "no_transition"}
+
 
 
 # --------------------------------------------------------------------------- batch
@@ -803,31 +769,31 @@ def match_trace(network: RoadNetwork, pings: Sequence[Ping], config: MatcherConf
     config
         Matcher parameters (ignored when ``matcher`` is given).
     """
-    m = matcher if matcher is not None else OnlineMatcher(network, config)
-    # The whole trace is known: plain Viterbi, no lag bound (decisions at convergence or the end).
-    m = copy.copy(m)
-    m._max_lag_s = float("inf")
-    decided: dict[int, tuple[int, float]] = {}
-    trip_of_seq: dict[int, int] = {}
-    work = m.new_state()
-
-    def sink(seq: int, seg: int, off: float) -> None:
-        decided[seq] = (seg, off)
-        trip_of_seq[seq] = work.trip
-
-    [(res, status)] = m._push_many([(work, pings)], sink, inplace=True)
-    m._end_trip(work, res.traversals, sink)
+    m = (matcher if matcher is not None else OnlineMatcher(network, config))._without_lag()
+    decided: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    [(res, kept_at, drops, seqs)] = m._push_many([(m.new_state(), pings)], inplace=True, finish=True,
+                                                 decided=decided)
     n = len(pings)
     seg = np.full(n, -1, dtype=np.int64)
     off = np.full(n, np.nan)
     trip = np.full(n, -1, dtype=np.int64)
     reason = [""] * n
-    for i, s in enumerate(status):
-        if isinstance(s, str):
-            reason[i] = s
-        elif s in decided:
-            seg[i], off[i] = decided[s]
-            trip[i] = trip_of_seq[s]
+    for i, why in drops.items():
+        reason[i] = why
+    kept_at = np.asarray(kept_at, dtype=np.int64)
+    for i in np.flatnonzero(seqs < 0).tolist():
+        reason[int(kept_at[i])] = _REASON_OF_CODE[int(seqs[i])]
+    if decided:
+        # What was decided for each matched ping's step.
+        d_seq, d_seg, d_off, d_trip = (np.concatenate(a) for a in zip(*decided))
+        at = np.full(int(max(seqs.max(initial=-1), d_seq.max(initial=-1))) + 1, -1, dtype=np.int64)
+        at[d_seq] = np.arange(len(d_seq))
+        row = np.where(seqs >= 0, at[np.maximum(seqs, 0)], -1)
+        hit = row >= 0
+        ping = kept_at[hit]
+        seg[ping] = d_seg[row[hit]]
+        off[ping] = d_off[row[hit]]
+        trip[ping] = d_trip[row[hit]]
     ok = seg >= 0
     snapped = np.full((n, 2), np.nan)
     if ok.any():
@@ -836,22 +802,18 @@ def match_trace(network: RoadNetwork, pings: Sequence[Ping], config: MatcherConf
     return TraceMatch(seg, ids, off, snapped, trip, reason, res.traversals, res.dropped, res.matched, res.unmatched)
 
 
-_CUM: "weakref.WeakKeyDictionary[RoadNetwork, np.ndarray]" = weakref.WeakKeyDictionary()
+#: Per network: vertex x, y, segment vertex pointers and cumulative distance along the vertex arrays.
+_CUM: "weakref.WeakKeyDictionary[RoadNetwork, tuple[np.ndarray, ...]]" = weakref.WeakKeyDictionary()
 
 
 def points_at_offsets(network: RoadNetwork, segments: np.ndarray, offsets_m: np.ndarray) -> np.ndarray:
     """Points ``offsets_m`` metres along ``segments`` (vectorised), metric (N, 2)."""
-    segments = np.asarray(segments, dtype=np.int64)
-    g = network.geom_xy
-    ptr = network.geom_ptr
-    cum = _CUM.get(network)
-    if cum is None:
-        cum = _CUM[network] = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(g, axis=0).T))])
-    start = cum[ptr[segments]]
-    target = start + np.clip(offsets_m, 0.0, network.length_m[segments])
-    # Vertex j with cum[j] <= target < cum[j+1], kept within the segment's own vertices.
-    j = np.searchsorted(cum, target, side="right") - 1
-    j = np.clip(j, ptr[segments], ptr[segments + 1] - 2)
-    piece = np.maximum(cum[j + 1] - cum[j], 1e-12)
-    t = np.clip((target - cum[j]) / piece, 0.0, 1.0)[:, None]
-    return g[j] + t * (g[j + 1] - g[j])
+    segments = np.ascontiguousarray(segments, dtype=np.int64)
+    offsets_m = np.ascontiguousarray(np.broadcast_to(offsets_m, segments.shape), dtype=np.float64)
+    geom = _CUM.get(network)
+    if geom is None:
+        g = network.geom_xy
+        cum = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(g, axis=0).T))])
+        geom = _CUM[network] = (np.ascontiguousarray(g[:, 0]), np.ascontiguousarray(g[:, 1]), network.geom_ptr, cum)
+    x, y = K.points_at_offsets(*geom, network.length_m, segments, offsets_m)
+    return np.column_stack([x, y])

@@ -296,6 +296,8 @@ class RoadNetwork:
         n_cells = int(self._grid_shape[0] * self._grid_shape[1])
         self._cell_ptr, order = _csr(cell, n_cells, return_order=True)
         self._cell_pieces = (key % len(self._piece_start))[order]
+        self._grid_origin_x, self._grid_origin_y = (float(v) for v in self._grid_origin)
+        self._grid_nx, self._grid_ny = (int(v) for v in self._grid_shape)
 
     def nearby_segments(
         self,
@@ -323,64 +325,47 @@ class RoadNetwork:
         xy = np.atleast_2d(np.asarray(xy, dtype=float))
         n = len(xy)
         radius = np.broadcast_to(np.asarray(radius_m, dtype=float), (n,))
-        # Only the cells that the square [x - r, x + r] x [y - r, y + r] overlaps are visited.
-        c0 = ((xy - radius[:, None] - self._grid_origin) // GRID_CELL_M).astype(np.int64)
-        c1 = ((xy + radius[:, None] - self._grid_origin) // GRID_CELL_M).astype(np.int64)
-        span = int((c1 - c0).max(initial=0)) + 1
-        pts_list, pieces_list = [], []
-        for dx in range(span):
-            for dy in range(span):
-                cx = c0[:, 0] + dx
-                cy = c0[:, 1] + dy
-                inside = (cx <= c1[:, 0]) & (cy <= c1[:, 1]) & (cx >= 0) & (cy >= 0)
-                inside &= (cx < self._grid_shape[0]) & (cy < self._grid_shape[1])
-                idx = np.flatnonzero(inside)
-                cell = cx[idx] * self._grid_shape[1] + cy[idx]
-                start = self._cell_ptr[cell]
-                cnt = self._cell_ptr[cell + 1] - start
-                pts_list.append(np.repeat(idx, cnt))
-                pieces_list.append(self._cell_pieces[np.repeat(start, cnt) + _ragged_arange(cnt)])
-        pts = np.concatenate(pts_list) if pts_list else np.zeros(0, np.int64)
-        pieces = np.concatenate(pieces_list) if pieces_list else np.zeros(0, np.int64)
-        # Point-to-piece projection on flat coordinate arrays (cheaper gathers than (N, 2) rows);
-        # the distance test uses squared distances so only survivors pay for the sqrt.
-        ax = self._piece_ax[pieces]
-        ay = self._piece_ay[pieces]
-        abx = self._piece_abx[pieces]
-        aby = self._piece_aby[pieces]
-        apx = xy[:, 0][pts] - ax
-        apy = xy[:, 1][pts] - ay
-        t = np.clip((apx * abx + apy * aby) * self._piece_inv_len2[pieces], 0.0, 1.0)
-        dx = apx - t * abx
-        dy = apy - t * aby
-        d2 = dx * dx + dy * dy
-        ok = np.flatnonzero(d2 <= (radius * radius)[pts])
-        pts, pieces, t = pts[ok], pieces[ok], t[ok]
-        dist = np.sqrt(d2[ok])
-        proj = np.column_stack([ax[ok] + t * abx[ok], ay[ok] + t * aby[ok]])
-        seg = self._piece_segment[pieces]
-        offset = self._piece_offset[pieces] + t * self._piece_len[pieces]
-        # Best piece per (point, segment): one sort on a packed (point, segment, 0.1 mm) key.
-        mm = np.round(dist * 1e4).astype(np.int64)
-        order = _argsort_packed(pts * self.n_segments + seg, mm)
-        pts, seg = pts[order], seg[order]
-        first = np.ones(len(pts), dtype=bool)
-        first[1:] = (pts[1:] != pts[:-1]) | (seg[1:] != seg[:-1])
-        keep = order[first]
-        pts, seg, dist, offset, mm, proj = pts[first], seg[first], dist[keep], offset[keep], mm[keep], proj[keep]
-        # The opposite direction of a two-way piece: same distance and snapped point, mirrored offset.
-        rev = self.reverse_of[seg]
-        two_way = np.flatnonzero(rev >= 0)
-        pts = np.concatenate([pts, pts[two_way]])
-        dist = np.concatenate([dist, dist[two_way]])
-        mm = np.concatenate([mm, mm[two_way]])
-        proj = np.concatenate([proj, proj[two_way]])
-        offset = np.concatenate([offset, self.length_m[rev[two_way]] - offset[two_way]])
-        seg = np.concatenate([seg, rev[two_way]])
-        order = _argsort_packed(pts, mm * (self.n_segments + 1) + seg)
-        if max_per_point is not None and len(order):
-            order = order[_rank_within_groups(pts[order]) < max_per_point]
-        return Nearby(pts[order].astype(np.int64), seg[order].astype(np.int64), dist[order], offset[order], proj[order])
+        ptr, seg, dist, offset, sx, sy = self._nearby_csr(
+            np.ascontiguousarray(xy[:, 0]), np.ascontiguousarray(xy[:, 1]), radius, max_per_point)
+        point = np.repeat(np.arange(n, dtype=np.int64), np.diff(ptr))
+        return Nearby(point, seg, dist, offset, np.column_stack([sx, sy]))
+
+    def _nearby_csr(
+        self, x: np.ndarray, y: np.ndarray, radius_m: np.ndarray, max_per_point: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`nearby_segments` in CSR form, for the map matcher's hot path.
+
+        ``x``, ``y``, ``radius_m``: contiguous float64 arrays of one entry per point (metres).
+        Returns ``(ptr, segment, distance_m, offset_m, snapped_x, snapped_y)``; the rows of point
+        ``i`` are ``ptr[i]:ptr[i + 1]``, nearest first.
+        """
+        from geo.kernels import nearby_candidates
+
+        radius_m = np.ascontiguousarray(radius_m, dtype=np.float64)
+        limit = -1 if max_per_point is None else int(max_per_point)
+        buf_cap = 256
+        out_cap = len(x) * (limit if limit >= 0 else 16) + 16
+        while True:
+            ok, *found = nearby_candidates(
+                x, y, radius_m, self._grid_origin_x, self._grid_origin_y, GRID_CELL_M, self._grid_nx, self._grid_ny,
+                self._cell_ptr, self._cell_data, self.length_m, self.reverse_of, limit, buf_cap, out_cap)
+            if ok:
+                return tuple(found)
+            # A crowded spot or a large radius: more room, and again (rare).
+            buf_cap *= 4
+            out_cap *= 4
+
+    @cached_property
+    def _cell_data(self) -> np.ndarray:
+        """Per (cell, piece) entry of the grid, in cell order: the piece's geometry and segment.
+
+        Columns as ``geo.kernels.PC_*``; the compiled search reads a cell's pieces from contiguous rows.
+        """
+        p = self._cell_pieces
+        return np.column_stack([
+            self._piece_ax[p], self._piece_ay[p], self._piece_abx[p], self._piece_aby[p], self._piece_inv_len2[p],
+            self._piece_offset[p], self._piece_len[p], self._piece_segment[p].astype(np.float64),
+        ])
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -667,26 +652,3 @@ def _csr(keys: np.ndarray, n: int, return_order: bool = False):
     ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=n), out=ptr[1:])
     return (ptr, order) if return_order else (ptr, order.astype(np.int64))
-
-
-def _argsort_packed(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
-    """Order by ``major`` then ``minor`` (both non-negative int64) with one integer sort.
-
-    Packs both keys into one int64 when they fit (much faster than ``np.lexsort``), else falls
-    back to ``np.lexsort``.
-    """
-    if len(major) == 0:
-        return np.zeros(0, dtype=np.int64)
-    minor_bits = int(minor.max()).bit_length()
-    if int(major.max()).bit_length() + minor_bits <= 62:
-        return np.argsort((major << minor_bits) | minor, kind="quicksort")
-    return np.lexsort((minor, major))
-
-
-def _rank_within_groups(groups: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... within each run of equal values of a sorted ``groups`` array."""
-    n = len(groups)
-    start = np.ones(n, dtype=bool)
-    start[1:] = groups[1:] != groups[:-1]
-    idx = np.arange(n)
-    return idx - np.maximum.accumulate(np.where(start, idx, 0))

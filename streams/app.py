@@ -67,7 +67,14 @@ log = logging.getLogger(__name__)
 
 #: Largest table value the aggregate snapshot writes (Kafka's default message limit is 1 MB).
 SNAPSHOT_CHUNK_BYTES: int = 512 * 1024
+#: Largest message the worker produces, bytes: Kafka's default broker limit (``message.max.bytes``),
+#: so that a dead letter carries its original bytes even when they came close to that limit.
+MAX_PRODUCE_BYTES: int = 1_048_576
+#: Room for a dead letter's key, headers and record framing within :data:`MAX_PRODUCE_BYTES`.
+_DEAD_LETTER_OVERHEAD: int = 8_192
 _WM = struct.Struct("<d")
+#: Wall seconds between updates of ``CONSUMER_LAG{topic}`` (cheap: in-memory offsets, no broker request).
+CONSUMER_LAG_INTERVAL_S: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,10 @@ class WorkerOptions:
     checkpoint_interval_s
         Wall seconds between snapshots of a partition's aggregate state.
     idle_source_s
-        Wall seconds after which a ping partition that sends nothing stops holding windows back.
+        Wall seconds after which a ping partition that sends nothing stops holding windows back;
+        ``None`` (default) waits for every partition. A wall-clock timeout is only safe when partitions
+        are consumed evenly: a partition whose backlog is read late would be declared idle and its
+        traversals arrive behind closed windows (measured: wrong speeds when replaying a backlog).
     wall_clock_checks
         Validate event times against the wall clock (live feeds); off for replays of recorded days.
     """
@@ -91,7 +101,7 @@ class WorkerOptions:
     batch_messages: int = 1000
     batch_within_s: float = 0.2
     checkpoint_interval_s: float = 30.0
-    idle_source_s: float = 60.0
+    idle_source_s: float | None = None
     wall_clock_checks: bool = False
 
 
@@ -143,8 +153,9 @@ class PipelineApp:
     pings_topic, rejected_topic, traversals_topic, speeds_topic
         The topics.
     devices_table, aggregate_table
-        Per-device state (key ``d/<pseudonym>``, plus ``w/<partition>`` watermarks) and aggregate
-        snapshots and deltas (key ``a/<partition>/...``).
+        Per-device state (key ``d/<pseudonym>``, plus ``w/<partition>`` watermarks and ``c/<partition>``
+        ingest counters, :meth:`PipelineStats.to_dict` JSON) and aggregate snapshots and deltas
+        (key ``a/<partition>/...``).
     """
 
     def __init__(self, network: RoadNetwork, settings: Settings, options: WorkerOptions = WorkerOptions()) -> None:
@@ -164,6 +175,9 @@ class PipelineApp:
             "processing_guarantee": "at_least_once",
             # our batches can take a while on a big map; don't let faust think the agent hangs
             "stream_processing_timeout": 300.0,
+            # Faust's default (1,000,000) is below what the pings topic accepts: a dead letter of a
+            # near-limit message would not fit, crash the agent and stall its partition
+            "producer_max_request_size": MAX_PRODUCE_BYTES,
         }
         faust_options.update(extra.get("faust", {}))
         credentials = broker_credentials(settings)
@@ -190,6 +204,9 @@ class PipelineApp:
         self.ingest_agent = self.app.agent(self.pings_topic, name="roadpulse.ingest-match")(self._ingest_match)
         self.aggregate_agent = self.app.agent(self.traversals_topic, name="roadpulse.aggregate")(self._aggregate)
         self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.lag_topics = (settings.topic_pings, settings.topic_traversals)
+        self._next_offset: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset not yet processed
+        self.app.timer(interval=CONSUMER_LAG_INTERVAL_S, name="roadpulse.consumer-lag")(self.report_consumer_lag)
 
     # ------------------------------------------------------------------ rebalances
     async def _on_revoked(self, sender: Any = None, revoked: Any = None, **kwargs: Any) -> None:
@@ -197,14 +214,58 @@ class PipelineApp:
         self._sources.clear()
         self._aggregates.clear()
         self._sent_wm.clear()
+        self._next_offset.clear()
+
+    # ------------------------------------------------------------------ consumer lag
+    async def report_consumer_lag(self) -> dict[str, int] | None:
+        """Set ``CONSUMER_LAG{topic}``: messages behind the high-water mark, summed over this worker's partitions.
+
+        Per assigned partition: high-water mark minus the offset after the last message processed (the
+        consumer's fetch position until the partition's first batch: fetching runs ahead of processing,
+        so the position alone would hide a backlog already fetched but not yet processed). Runs every
+        :data:`CONSUMER_LAG_INTERVAL_S` seconds. A topic with no partition assigned here reports 0.
+        Metrics must never stop the pipeline: any failure (no consumer yet, a rebalance in progress, a
+        partition not fetched yet) is logged at DEBUG and the gauges keep their last value.
+
+        Returns
+        -------
+        dict or None
+            Messages behind per topic, or ``None`` when they could not be read this time.
+        """
+        try:
+            consumer = self.app.consumer
+            lag = dict.fromkeys(self.lag_topics, 0)
+            for tp in consumer.assignment():
+                if tp.topic not in lag:
+                    continue  # table changelogs: recovery, not consumption
+                highwater = consumer.highwater(tp)  # None until the first fetch response of the partition
+                position = self._next_offset.get((tp.topic, tp.partition))
+                if position is None:
+                    position = await asyncio.wait_for(consumer.position(tp), 5.0)
+                if highwater is not None and position is not None:
+                    lag[tp.topic] += max(0, int(highwater) - int(position))
+        except Exception as exc:  # noqa: BLE001 - a metric must never crash the worker
+            log.debug("consumer lag not measured this time: %r", exc)
+            return None
+        for topic, messages in lag.items():
+            metrics.CONSUMER_LAG.labels(topic=topic).set(messages)
+        return lag
+
+    def _processed(self, message: Any) -> None:
+        """Note that every message of ``message``'s partition up to and including it is processed."""
+        self._next_offset[(message.topic, message.partition)] = int(message.offset) + 1
 
     # ------------------------------------------------------------------ ingest + match
     def source(self, partition: int) -> IngestMatch:
         """The ingest/match operator of a pings partition, rebuilt from the ``devices`` table if needed."""
         op = self._sources.get(partition)
         if op is None:
-            op = IngestMatch(self.network, self.settings, partition, self.stats, self.matcher)
             data = self.devices_table.data
+            # per-partition ingest counters live in the table beside the device states they describe,
+            # so that after a crash they resume from the same point as the states (see process_ping_batch)
+            counts = data.get(b"c/%d" % partition)
+            stats = PipelineStats.from_dict(json.loads(counts)) if counts else PipelineStats()
+            op = IngestMatch(self.network, self.settings, partition, stats, self.matcher)
             states = []
             for key, value in list(data.items()):
                 if key.startswith(b"d/") and value and DeviceState.source_of(value) == partition:
@@ -224,6 +285,7 @@ class PipelineApp:
                 by_partition[ev.message.partition].append(ev)
             for partition, evs in by_partition.items():
                 await self.process_ping_batch(partition, [(ev.key, ev.value) for ev in evs])
+                self._processed(evs[-1].message)
 
     async def process_ping_batch(self, partition: int, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
         """One batch of one pings partition: ingest, match, send, then persist device states."""
@@ -232,7 +294,12 @@ class PipelineApp:
         out = op.process_messages(messages, now=now)
         pending = []
         for dl in out.dead_letters:
-            pending.append(await self.rejected_topic.send(key=dl.key, value=dl.original, headers=dl.headers()))
+            value, headers = dl.original, dl.headers()
+            room = MAX_PRODUCE_BYTES - _DEAD_LETTER_OVERHEAD - len(dl.key or b"")
+            if len(value) > room:  # only possible when the broker accepts messages above its default limit
+                headers.append(("truncated_from_bytes", str(len(value)).encode()))
+                value = value[:room]
+            pending.append(await self.rejected_topic.send(key=dl.key, value=value, headers=headers))
         by_target = split_by_partition(out.traversals, self.partitions)
         wm = op.watermark
         for q in range(self.partitions):
@@ -258,6 +325,22 @@ class PipelineApp:
             key = b"w/%d" % partition
             table.data[key] = _WM.pack(wm)
             table.send_changelog(partition, key, table.data[key])
+        # last, after the states: the partition's ledger (received = rejected + matched + unmatched + held)
+        key = b"c/%d" % partition
+        table.data[key] = json.dumps(op.stats.to_dict(), separators=(",", ":")).encode()
+        table.send_changelog(partition, key, table.data[key])
+        await self._persisted()
+
+    async def _persisted(self) -> None:
+        """Wait until the batch's table writes are on the broker, before its input is acked.
+
+        Faust commits the offsets of acked events on its own schedule; a changelog write still in the
+        producer's buffer when a worker is SIGKILLed would otherwise be lost while its input counts as
+        done, and the worker taking over would resume from a state that misses it.
+        """
+        producer = self.app.producer
+        if producer.started:  # agent.test_context() has no running producer (no broker to deliver to)
+            await producer.flush()
 
     # ------------------------------------------------------------------ aggregate
     def aggregate_partition(self, partition: int) -> "_AggregatePartition":
@@ -272,10 +355,13 @@ class PipelineApp:
         opts = self.options
         async for events in stream.take_events(opts.batch_messages, within=opts.batch_within_s):
             by_partition: dict[int, list[bytes]] = defaultdict(list)
+            last: dict[int, Any] = {}
             for ev in events:
                 by_partition[ev.message.partition].append(ev.value)
+                last[ev.message.partition] = ev.message
             for partition, values in by_partition.items():
                 await self.process_traversal_batch(partition, values)
+                self._processed(last[partition])
 
     async def process_traversal_batch(self, partition: int, values: Sequence[bytes]) -> None:
         """One batch of one traversals partition: add, advance, publish, persist."""
@@ -288,6 +374,7 @@ class PipelineApp:
                                                         partition=segment_partition(s.segment_id, self.partitions)))
         await _delivered(pending)
         part.persist(values)
+        await self._persisted()
 
 
 class _AggregatePartition:
@@ -339,8 +426,9 @@ class _AggregatePartition:
         except ValueError:
             log.warning("traversals partition %d: skipped a message that is not a traversal batch", self.partition)
             return
-        self.aggregate.add_arrays(b.segment_id, b.device, b.t_enter, b.t_exit, b.fraction)
+        # watermark first: the traversals are behind it (see Aggregate.add_arrays)
         self.aggregate.set_source_watermark(b.source, b.watermark)
+        self.aggregate.add_arrays(b.segment_id, b.device, b.t_enter, b.t_exit, b.fraction)
 
     def apply(self, values: Sequence[bytes]) -> list:
         for v in values:

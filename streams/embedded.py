@@ -90,8 +90,8 @@ class EmbeddedPipeline:
         self._after(self.ingest.process_pings(list(pings)))
 
     def _after(self, traversals: list) -> None:
-        self.aggregate.add(traversals)
         self.aggregate.set_source_watermark(0, self.ingest.watermark)
+        self.aggregate.add(traversals)
         self._publish(self.aggregate.advance())
 
     def _publish(self, speeds: list[SegmentSpeed]) -> list[SegmentSpeed]:

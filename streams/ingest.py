@@ -21,7 +21,9 @@ Three steps, each a plain function or a small class, called in this order by bot
      held tail is discarded. So no released ping lies within ``trim_m`` of the trip's end point
      *as seen from the end of the held stretch*, and the trip's first ``trim_m`` are never released.
    * pings older than the device's newest (``out_of_order``) or repeating it (``duplicate``) are
-     rejected here, since trimming needs event-time order.
+     rejected here, since trimming needs event-time order; so is a ping that jumps more than
+     :data:`TELEPORT_MIN_M` at over :data:`TELEPORT_SPEED_MPS` from the device's previous ping within a
+     trip (``teleport``).
 
    The held tail is bounded (:data:`MAX_HELD_PINGS`): a device stuck for minutes within ``trim_m``
    (a jam, or parked with the app on) drops its oldest held pings rather than releasing them, which
@@ -52,6 +54,11 @@ MAX_MESSAGE_BYTES: int = 1_000_000
 MAX_BATCH_PINGS: int = 10_000
 #: Most pings a device's held-back trip tail keeps (see the module docstring).
 MAX_HELD_PINGS: int = 256
+#: A ping implying a faster move than this from its device's previous ping is a ``teleport``, m/s
+#: (360 km/h: no car; GPS outliers of a few hundred metres stay below it through :data:`TELEPORT_MIN_M`).
+TELEPORT_SPEED_MPS: float = 100.0
+#: Jumps shorter than this are never teleports, metres (multipath outliers reach ~250 m).
+TELEPORT_MIN_M: float = 1_000.0
 #: Hex characters of a pseudonym (64 bits: collisions are negligible below ~10^8 devices per epoch).
 PSEUDONYM_HEX: int = 16
 
@@ -163,7 +170,9 @@ def decode_message(key: bytes | None, value: bytes | None, *, now: float | None 
         if not isinstance(raws, list):
             return _whole(key, value, "bad_type", "'pings' must be a list")
         if not raws:
-            return _whole(key, value, "empty_batch", "'pings' is empty", 0)
+            # counted as one rejected record, so that received = rejected + matched + unmatched holds
+            # and the metric shows it (a message that carries no ping still stands for one upload)
+            return _whole(key, value, "empty_batch", "'pings' is empty", 1)
         if len(raws) > MAX_BATCH_PINGS:
             return _whole(key, value, "batch_too_large", f"{len(raws)} pings > {MAX_BATCH_PINGS}", len(raws))
         dev = doc.get("device")
@@ -320,7 +329,7 @@ class TrimResult:
     released
         Pings safe to match, in event-time order.
     rejected
-        ``(position in the input, reason)`` for ``out_of_order`` / ``duplicate`` pings.
+        ``(position in the input, reason)`` for ``out_of_order`` / ``duplicate`` / ``teleport`` pings.
     trimmed
         Pings dropped for privacy (trip starts, discarded tails, overflow of the held tail).
     trips_ended
@@ -363,6 +372,14 @@ class TripTrimmer:
             if p.ts == state.last_ts and p.lat == state.last_lat and p.lon == state.last_lon:
                 res.rejected.append((i, "duplicate"))
                 continue
+            if state.in_trip and p.ts - state.last_ts <= self.gap_s:
+                # An impossible jump within a trip (spoofed or broken fix). The state keeps the last good
+                # ping, so the allowed jump grows with time and a device that really moved is accepted
+                # again after at most jump / TELEPORT_SPEED_MPS seconds (or after gap_s, a new trip).
+                jump = distance_m(state.last_lat, state.last_lon, p.lat, p.lon)
+                if jump > TELEPORT_MIN_M and jump > TELEPORT_SPEED_MPS * (p.ts - state.last_ts):
+                    res.rejected.append((i, "teleport"))
+                    continue
             if state.in_trip and p.ts - state.last_ts > self.gap_s:
                 res.trimmed += self._end_trip(state)
                 res.trips_ended += 1

@@ -4,9 +4,10 @@
   or the whole input of the embedded runner) -> dead letters and traversals. Per device (pseudonym) it
   keeps a :class:`DeviceState`: the trip-trim state (:mod:`streams.ingest`) and the matcher state
   (:mod:`geo.matcher`), serialisable for a Faust table. The source's watermark is the newest valid
-  event time it has seen; a device idle for longer than the matcher's ``max_gap_s`` of that watermark
-  has its trip ended (trimmed tail discarded, matcher flushed) exactly as a later ping after such a gap
-  would have ended it, so results do not depend on when the runner gets to the expiry.
+  event time it has seen; a device idle for longer than the matcher's ``max_gap_s`` (plus
+  :data:`EXPIRY_SLACK_S` for late uploads) of that watermark has its trip ended (trimmed tail
+  discarded, matcher flushed) exactly as a later ping after such a gap would have ended it, so results
+  do not depend on when the runner gets to the expiry.
 * :class:`Aggregate` -- traversals + per-source watermarks -> segment speeds, through
   :class:`congestion.estimator.SpeedEstimator`. Its watermark is the minimum over the sources it
   expects (a Kafka pipeline has one source per ping partition), so no source's traversals arrive
@@ -45,6 +46,20 @@ from streams.ingest import (
 )
 from streams.settings import Settings
 
+#: Extra event time, beyond the matcher's ``max_gap_s``, before an idle device's trip is ended by the
+#: watermark, seconds. Uploads are batched (~30 s) and phone clocks skew, so a device's pings reach a
+#: source up to minutes behind the source's newest event time; ending its trip earlier would cut trips
+#: that are still going, and differently in each runner. Runners publish identical speeds when
+#: ``grace_s >= max_gap_s + EXPIRY_SLACK_S + window_step_s`` (a trip's last traversals are then never late).
+EXPIRY_SLACK_S: float = 300.0
+
+#: Details of the rejections made per device after decoding (see :meth:`streams.ingest.TripTrimmer.push`).
+_ORDER_DETAIL = {
+    "duplicate": "repeats the device's last ping",
+    "out_of_order": "older than the device's last ping",
+    "teleport": "impossible jump from the device's last ping",
+}
+
 #: Matcher drop reasons -> the bounded ``reason`` label of ``PINGS_UNMATCHED``.
 _UNMATCHED_REASON = {
     "no_candidate": "no_candidate",
@@ -73,6 +88,15 @@ class PipelineStats:
     published: int = 0
     published_ok: int = 0
     devices_expired: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PipelineStats":
+        """Inverse of :meth:`to_dict` (the workers' per-partition ledger in the ``devices`` table)."""
+        out = cls(**{k: v for k, v in d.items() if k not in ("rejected", "unmatched", "dropped_traversals")})
+        out.rejected.update(d.get("rejected", {}))
+        out.unmatched.update(d.get("unmatched", {}))
+        out.dropped_traversals.update(d.get("dropped_traversals", {}))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -199,7 +223,7 @@ class IngestMatch:
         late_rejects: dict[int, list[Rejection]] = {}
         for pos, reason in self._match(self.pseudonymiser.apply(pings), out.traversals, message_of):
             m, i = origin[pos]
-            late_rejects.setdefault(m, []).append(Rejection(reason, "older than or equal to the device's last ping", i))
+            late_rejects.setdefault(m, []).append(Rejection(reason, _ORDER_DETAIL.get(reason, reason), i))
         for m, (key, value, d) in enumerate(decoded):
             extra = late_rejects.get(m, [])
             if d.dead_letter is None and not extra:
@@ -210,8 +234,11 @@ class IngestMatch:
         for dl in out.dead_letters:
             self.stats.dead_letters += 1
             for r in dl.rejections:
-                self.stats.rejected[r.reason] += 1
-                metrics.PINGS_REJECTED.labels(reason=r.reason).inc()
+                # a whole-message rejection (no index) stands for every ping the message carried, so that
+                # received = rejected + matched + unmatched holds (e.g. batch_too_large)
+                n = dl.n_pings if r.index is None else 1
+                self.stats.rejected[r.reason] += n
+                metrics.PINGS_REJECTED.labels(reason=r.reason).inc(n)
         self._expire(out.traversals)
         return out
 
@@ -303,12 +330,12 @@ class IngestMatch:
 
     # -------------------------------------------------------------- trip ends
     def _expire(self, traversals: list[Traversal]) -> None:
-        """End the trips of devices idle for more than ``gap_s`` of this source's watermark."""
+        """End the trips of devices idle for ``gap_s + EXPIRY_SLACK_S`` of this source's watermark."""
         wm = self.watermark
         if wm is None or wm - self._expiry_checked_at < 1.0:  # at most one scan per event-second
             return
         self._expiry_checked_at = wm
-        cutoff = wm - self.gap_s
+        cutoff = wm - self.gap_s - EXPIRY_SLACK_S
         idle = [dev for dev, st in self.devices.items() if st.trim.last_ts < cutoff]
         for dev in idle:
             traversals.extend(self._end_device(dev))
@@ -385,17 +412,64 @@ class Aggregate:
         self.source_watermarks: dict[int, float] = {}
         self._last_heard: dict[int, float] = {}
         self._started = time.monotonic()
+        #: Traversals waiting for the watermark to come within the estimator's future horizon.
+        self._pending: list[tuple[int, str, float, float, float]] = []
 
     def add(self, traversals: Sequence[Traversal]) -> None:
         """Add traversal objects."""
         if traversals:
-            self._count(self.estimator.add(traversals))
+            n = len(traversals)
+            self.add_arrays(
+                np.fromiter((t.segment_id for t in traversals), dtype=np.int64, count=n),
+                [t.device for t in traversals],
+                np.fromiter((t.t_enter for t in traversals), dtype=float, count=n),
+                np.fromiter((t.t_exit for t in traversals), dtype=float, count=n),
+                np.fromiter((t.fraction for t in traversals), dtype=float, count=n),
+            )
 
     def add_arrays(self, segment_ids: np.ndarray, devices: Sequence[str], t_enter: np.ndarray,
                    t_exit: np.ndarray, fraction: np.ndarray) -> None:
-        """Add traversals given as columns (the wire form of :func:`decode_traversals`)."""
-        if len(segment_ids):
-            self._count(self.estimator.add_arrays(segment_ids, devices, t_enter, t_exit, fraction))
+        """Add traversals given as columns (the wire form of :func:`decode_traversals`).
+
+        A source far ahead of the slowest one (a backlog consumed unevenly) can deliver traversals
+        beyond the estimator's ``max_future_s`` horizon; those that no source has outrun (``t_exit``
+        at most the newest source watermark) wait here until the watermark catches up, instead of
+        being dropped as ``future``: what is published must not depend on consumption order.
+        Set the sending source's watermark (:meth:`set_source_watermark`) before adding its batch.
+        """
+        if not len(segment_ids):
+            return
+        seg = np.asarray(segment_ids, dtype=np.int64)
+        dev = list(devices)
+        t_in = np.asarray(t_enter, dtype=float)
+        t_out = np.asarray(t_exit, dtype=float)
+        frac = np.asarray(fraction, dtype=float)
+        est_wm = self.estimator.watermark
+        if est_wm is not None and self.source_watermarks:
+            horizon = est_wm + self.config.max_future_s - 1.0
+            newest = max(self.source_watermarks.values())
+            hold = (t_out > horizon) & (t_out <= newest)
+            if hold.any():
+                idx = np.flatnonzero(hold)
+                self._pending.extend((int(seg[i]), dev[i], float(t_in[i]), float(t_out[i]), float(frac[i]))
+                                     for i in idx)
+                keep = np.flatnonzero(~hold)
+                seg, t_in, t_out, frac = seg[keep], t_in[keep], t_out[keep], frac[keep]
+                dev = [dev[i] for i in keep]
+        if len(seg):
+            self._count(self.estimator.add_arrays(seg, dev, t_in, t_out, frac))
+
+    def _release_pending(self) -> None:
+        est_wm = self.estimator.watermark
+        if not self._pending or est_wm is None:
+            return
+        horizon = est_wm + self.config.max_future_s - 1.0
+        ready = [t for t in self._pending if t[3] <= horizon]
+        if ready:
+            self._pending = [t for t in self._pending if t[3] > horizon]
+            cols = list(zip(*ready))
+            self._count(self.estimator.add_arrays(np.asarray(cols[0], dtype=np.int64), list(cols[1]),
+                                                  np.asarray(cols[2]), np.asarray(cols[3]), np.asarray(cols[4])))
 
     def _count(self, res: Any) -> None:
         for reason, n in res.dropped.items():
@@ -429,6 +503,7 @@ class Aggregate:
         if wm is None:
             return []
         speeds = self.estimator.advance(wm)
+        self._release_pending()
         if speeds:
             newest = max(self.source_watermarks.values(), default=wm)
             metrics.WATERMARK_LAG.set(max(0.0, newest - wm))
@@ -449,13 +524,15 @@ class Aggregate:
     # -------------------------------------------------------------- persistence
     def state_bytes(self) -> bytes:
         """Estimator state plus source watermarks, one blob."""
-        meta = json.dumps({"sources": {str(k): v for k, v in self.source_watermarks.items()}}).encode()
+        meta = json.dumps({"sources": {str(k): v for k, v in self.source_watermarks.items()},
+                           "pending": self._pending}).encode()
         return struct.pack("<I", len(meta)) + meta + self.estimator.state_bytes()
 
     def load_state(self, data: bytes) -> None:
         (n,) = struct.unpack_from("<I", data, 0)
         meta = json.loads(data[4:4 + n])
         self.source_watermarks = {int(k): float(v) for k, v in meta["sources"].items()}
+        self._pending = [tuple(t) for t in meta.get("pending", [])]
         self.estimator = SpeedEstimator.from_state_bytes(self.network, self.config, data[4 + n:])
 
 

@@ -78,10 +78,15 @@ class TansuBroker:
         Loopback port; ``None`` picks a free one.
     log_dir
         Where ``tansu-PORT.log`` goes; ``None`` uses a fresh temporary directory.
+    advertised_port
+        Port the broker tells clients to connect to (default: ``port``); e.g. a TCP proxy's port, so that
+        a test can cut every client off the broker without losing the broker's data.
     """
 
-    def __init__(self, port: int | None = None, log_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, port: int | None = None, log_dir: str | os.PathLike[str] | None = None,
+                 advertised_port: int | None = None) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tansu-"))
         self.log_path = self.log_dir / f"tansu-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,7 +104,8 @@ class TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [str(tansu_binary()), "broker", "--listener-url", url,
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

@@ -308,3 +308,77 @@ def test_traversal_times_are_interpolated_and_ordered(helsinki, clean):
         prev_exit = t.t_exit
     full = [t for t in res.traversals if t.fraction == 1.0]
     assert full and all(t.travel_time_s > 0 for t in full)
+
+
+# ------------------------------------------- compiled hot path (geo.kernels)
+def test_candidate_search_matches_brute_force(helsinki):
+    # Every segment within the radius of a point, found by projecting the point onto every piece.
+    net = helsinki
+    rng = np.random.default_rng(12)
+    xy = net.geom_xy[rng.integers(len(net.geom_xy), size=60)] + rng.normal(0, 25.0, size=(60, 2))
+    near = net.nearby_segments(xy, 40.0)
+    g = net.geom_xy
+    seg_of_piece = np.repeat(np.arange(net.n_segments), np.diff(net.geom_ptr) - 1)
+    starts = np.concatenate([np.arange(net.geom_ptr[s], net.geom_ptr[s + 1] - 1) for s in range(net.n_segments)])
+    a, b = g[starts], g[starts + 1]
+    for i, p in enumerate(xy):
+        ab = b - a
+        t = np.clip(((p - a) * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-18), 0.0, 1.0)
+        d = np.hypot(*(a + t[:, None] * ab - p).T)
+        best = {}
+        for s, di in zip(seg_of_piece[d <= 40.0], d[d <= 40.0]):
+            best[int(s)] = min(best.get(int(s), np.inf), float(di))
+        rows = near.point == i
+        assert set(near.segment[rows].tolist()) == set(best)
+        got = dict(zip(near.segment[rows].tolist(), near.distance_m[rows].tolist()))
+        assert all(abs(got[s] - best[s]) < 1e-6 for s in best)
+        assert np.all(np.diff(near.distance_m[rows]) >= -1e-4)  # nearest first
+
+
+def test_route_table_agrees_with_dijkstra(helsinki):
+    from geo.matcher import route_table
+
+    table = route_table(helsinki)
+    rng = np.random.default_rng(13)
+    src = rng.choice(helsinki.n_segments, size=12, replace=False)
+    far, _ = table.distances_from(src, table.delta_m)
+    for k, a in enumerate(src.tolist()):
+        gap = table.gap(np.full(helsinki.n_segments, a), np.arange(helsinki.n_segments))
+        reach = np.isfinite(far[k]) & (np.arange(helsinki.n_segments) != a)
+        assert np.array_equal(np.isfinite(gap), reach)
+        assert np.allclose(gap[reach], far[k][reach], atol=1e-3 + 1e-6 * far[k][reach])
+        b = int(rng.choice(np.flatnonzero(reach)))
+        path = table.path_between(a, b)
+        assert table.gap_one(a, b) == pytest.approx(helsinki.length_m[path].sum(), abs=0.05)
+
+
+def test_a_hole_beyond_the_route_table_bound_is_bridged(helsinki):
+    # A 110 s hole in a trace: with a route table bounded at 600 m, routes between the pings on
+    # either side exceed its bound, so transitions and the decided path come from a bounded
+    # Dijkstra instead (the compiled recursion hands those steps back to Python).
+    rng = np.random.default_rng(14)
+    cfg = MatcherConfig(sigma_m=10.0, route_table_m=600.0)
+    matcher = OnlineMatcher(helsinki, cfg)
+    for _ in range(3):
+        trace = simulate_trace(helsinki, random_route(helsinki, rng, 3000), rng, sigma_m=10.0, interval_s=5.0)
+        k = len(trace.pings) // 3
+        pings = trace.pings[:k] + trace.pings[k + 22:]
+        res = match_trace(helsinki, pings, matcher=matcher)
+        assert res.unmatched == 0 and set(res.trip.tolist()) == {0}
+        prev_exit = pings[0].ts
+        for t in res.traversals:  # contiguous in time across the hole
+            assert t.t_enter == pytest.approx(prev_exit)
+            prev_exit = t.t_exit
+        assert segment_accuracy(helsinki, trace, res.traversals) >= 0.9
+        # Online, in pushes of 4 pings through serialised state: the same traversals once converged.
+        state, online = matcher.new_state(), []
+        for i in range(0, len(pings), 4):
+            r = matcher.push(state, pings[i:i + 4])
+            online += r.traversals
+            state = MatcherState.from_bytes(r.state.to_bytes())
+        online += matcher.finish(state).traversals
+        assert segment_overlap(_ids(res), _ids_of(online)) >= 0.95
+
+
+def _ids_of(traversals) -> list[int]:
+    return [t.segment_id for t in traversals]

@@ -9,21 +9,24 @@ Every test uses its own topics and consumer group on the shared broker.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 import zlib
 from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.config import SimulationConfig
 from simulator.day import simulate_day
 from streams.embedded import EmbeddedPipeline
 from streams.settings import Settings
-from tests.kafka_support import worker_command, worker_env
+from tests.kafka_support import free_port, worker_command, worker_env
 
 pytestmark = pytest.mark.broker
 
@@ -66,6 +69,30 @@ def hour(kotka):
             "rejected": sorted(dl.reason for dl in rejected), "stats": embedded.stats}
 
 
+#: One unit of the wire form's rounding: the estimator's float sums depend on the order traversals
+#: arrive in, which differs between runners, so a value may land on the other side of a rounding step.
+_TOLERANCE = {"confidence": 0.0011}
+_DEFAULT_TOLERANCE = 0.11
+
+
+def same_record(a: dict, b: dict) -> bool:
+    """Equal, numbers up to one unit of their rounding (see ``_TOLERANCE``)."""
+    if a.keys() != b.keys():
+        return False
+    for k, va in a.items():
+        vb = b[k]
+        if isinstance(va, float) and isinstance(vb, (int, float)) and not isinstance(vb, bool):
+            if abs(va - vb) > _TOLERANCE.get(k, _DEFAULT_TOLERANCE):
+                return False
+        elif va != vb:
+            return False
+    return True
+
+
+def same_speeds(got: dict, expected: dict) -> bool:
+    return got.keys() == expected.keys() and all(same_record(got[k], expected[k]) for k in expected)
+
+
 def _by_window(records) -> dict[tuple[int, float], dict]:
     out = {}
     for r in records:
@@ -81,7 +108,8 @@ class Run:
     def __init__(self, bootstrap: str, tmp_path: Path) -> None:
         self.bootstrap = bootstrap
         self.tmp = tmp_path
-        tag = uuid.uuid4().hex[:8]
+        # Letters only: metric label checks treat a run of 4+ digits as a possible id.
+        tag = uuid.uuid4().hex[:8].translate(str.maketrans("0123456789", "ghijklmnop"))
         self.app_id = f"rp-{tag}"
         self.topics = {name: f"{tag}.{name}" for name in ("pings", "rejected", "traversals", "speeds")}
         self.env = worker_env(
@@ -93,10 +121,10 @@ class Run:
         self.workers: list[tuple[subprocess.Popen, Path]] = []
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
 
-    def start_worker(self) -> tuple[subprocess.Popen, Path]:
+    def start_worker(self, *args: str) -> tuple[subprocess.Popen, Path]:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         with open(log, "w") as fh:
-            proc = subprocess.Popen(worker_command("--datadir", str(self.tmp / f"data-{len(self.workers)}")),
+            proc = subprocess.Popen(worker_command("--datadir", str(self.tmp / f"data-{len(self.workers)}"), *args),
                                     env=self.env, stdout=fh, stderr=subprocess.STDOUT)
         self.workers.append((proc, log))
         return proc, log
@@ -146,7 +174,7 @@ class Run:
         deadline = time.monotonic() + timeout_s
         while True:
             got = self.speeds(hour["closed_until"])
-            if got == hour["expected"] or time.monotonic() > deadline:
+            if same_speeds(got, hour["expected"]) or time.monotonic() > deadline:
                 return got
             for proc, log in self.workers:
                 assert proc.poll() is None or proc.returncode in (-signal.SIGKILL, 0), log.read_text()[-3000:]
@@ -175,16 +203,31 @@ def run(kafka_bootstrap, tmp_path):
 def _diff(got: dict, expected: dict) -> str:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
-    changed = [k for k in expected if k in got and got[k] != expected[k]]
+    changed = [k for k in expected if k in got and not same_record(got[k], expected[k])]
     return f"missing {len(missing)}, extra {len(extra)}, different {len(changed)} of {len(expected)}"
 
 
+def _consumer_lag(port: int, topic: str) -> float | None:
+    """The worker's ``roadpulse_consumer_lag_messages{topic}`` (``None``: no such series)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "roadpulse_consumer_lag_messages" and sample.labels.get("topic") == topic:
+                return sample.value
+    return None
+
+
 def test_worker_publishes_the_embedded_speeds_and_dead_letters_bad_input(run, hour) -> None:
-    proc, log = run.start_worker()
+    port = free_port()
+    proc, log = run.start_worker("--metrics-port", str(port))
     run.wait_log(proc, log, "Ready")
     run.produce(hour["messages"])
     got = run.wait_speeds(hour)
-    assert got == hour["expected"], _diff(got, hour["expected"])
+    assert same_speeds(got, hour["expected"]), _diff(got, hour["expected"])
+    # (a backlog > 0 is not asserted: the worker drains this hour within its first 1 s lag update)
+    lag = _consumer_lag(port, run.topics["pings"])
+    assert lag is not None and math.isfinite(lag) and lag >= 0, lag
     # bad messages are on the rejected topic with their original bytes and reasons; the worker kept going
     dead = run.read("rejected")
     assert sorted(dict(m.headers)["reason"].decode() for m in dead) == hour["rejected"]
@@ -207,7 +250,7 @@ def test_restart_resumes_from_committed_offsets_with_state(run, hour) -> None:
     run.wait_log(proc2, log2, "Ready")
     run.produce(messages[half:])
     got = run.wait_speeds(hour)
-    assert got == hour["expected"], _diff(got, hour["expected"])
+    assert same_speeds(got, hour["expected"]), _diff(got, hour["expected"])
     text = log2.read_text()
     assert "restored" in text and "device states" in text, "the new worker must recover device states"
     # resumed from the committed offsets: nothing was processed twice (replays would be dead-lettered)
@@ -229,5 +272,5 @@ def test_two_workers_share_partitions_and_survive_a_sigkill(run, hour) -> None:
     b.wait(10)
     run.produce(messages[half:])
     got = run.wait_speeds(hour, timeout_s=150.0)
-    assert got == hour["expected"], _diff(got, hour["expected"])
+    assert same_speeds(got, hour["expected"]), _diff(got, hour["expected"])
     assert a.poll() is None

@@ -138,6 +138,7 @@ class DemoReplay(threading.Thread):
 
     def _run(self) -> None:
         from simulator import simulate_day
+        from streams import metrics
         from streams.embedded import EmbeddedPipeline
 
         t0 = time.perf_counter()
@@ -154,6 +155,9 @@ class DemoReplay(threading.Thread):
         if not pings:
             raise RuntimeError("the simulation produced no pings; try another --map or --seed")
         pipeline = EmbeddedPipeline(self.network, self.settings, on_publish=self.store.publish_threadsafe)
+        # The replay stands in for the pings topic: its lag is the pings due on the accelerated clock
+        # (event time <= now) that the pipeline has not processed yet.
+        lag = metrics.CONSUMER_LAG.labels(topic=self.settings.topic_pings)
         # Start a minute before the first ping, on the minute grid; each loop shifts event time on.
         start = float(np.floor(ts[0] / 60.0) * 60.0 - 60.0)
         loop_span = float(np.ceil((ts[-1] - start) / 60.0) * 60.0 + 60.0)
@@ -163,11 +167,15 @@ class DemoReplay(threading.Thread):
             now = start + (time.monotonic() - wall0) * self.speed
             self.sim_now = now
             j = int(np.searchsorted(ts, now - offset, side="right"))
+            lag.set(j - i)
             if j > i:
                 batch = pings[i:j] if offset == 0 else [dataclasses.replace(p, ts=p.ts + offset) for p in pings[i:j]]
                 pipeline.process_pings(batch)
                 self.pings_fed += j - i
                 i = j
+                # what fell due while matching: > 0 when the pipeline cannot keep up with --speed
+                due = start + (time.monotonic() - wall0) * self.speed - offset
+                lag.set(max(0, int(np.searchsorted(ts, due, side="right")) - i))
             pipeline.advance(now)
             if now - offset >= start + loop_span:  # the morning is over: once more, later in event time
                 loops += 1

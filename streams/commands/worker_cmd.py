@@ -8,9 +8,12 @@ partitions (one consumer group) and take over each other's partitions when one s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import tempfile
+import time
+from typing import Any
 
 log = logging.getLogger("roadpulse.worker")
 
@@ -25,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "leave off when replaying recorded or simulated days")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--datadir", help="Faust data directory (default: a temporary directory)")
+    p.add_argument("--broker-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for an unreachable broker at start, retrying with backoff (default 600)")
     p.set_defaults(run=run)
 
 
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     metrics.set_build_info(map_name=settings.map)
     if args.metrics_port is not None:
         metrics.start_metrics_server(args.metrics_port)
+    wait_for_broker(settings, args.broker_wait)
     pipeline = create_app(network, settings, WorkerOptions(wall_clock_checks=args.live))
     datadir = args.datadir or tempfile.mkdtemp(prefix="roadpulse-worker-")
     os.makedirs(datadir, exist_ok=True)  # the Faust worker runs inside it
@@ -60,3 +66,61 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(pipeline.app, loglevel=settings.log_level.lower(), quiet=True, workdir=datadir)
     worker.execute_from_commandline()  # returns by SystemExit when the worker stops
     return 0
+
+
+#: Backoff between broker probes at start, seconds: doubles from the first to the last.
+BROKER_BACKOFF_S: tuple[float, float] = (0.5, 30.0)
+
+
+def wait_for_broker(settings: Any, timeout_s: float) -> None:
+    """Return once a Kafka broker answers at ``settings.kafka``; retry with exponential backoff.
+
+    A worker started before its broker (a fresh deployment, a broker restart) waits instead of
+    crashing with a traceback; once the broker is up, Faust's own clients reconnect on later outages.
+
+    Parameters
+    ----------
+    settings
+        Bootstrap servers and security settings.
+    timeout_s
+        Give up after this many seconds without an answer.
+
+    Raises
+    ------
+    streams.cli.CommandError
+        No broker answered within ``timeout_s``; the message says where it looked and what to do.
+    """
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaError
+
+    from streams.cli import CommandError
+    from streams.feed import kafka_security_kwargs
+
+    async def probe() -> None:
+        client = AIOKafkaClient(bootstrap_servers=settings.kafka.split(","), request_timeout_ms=10_000,
+                                **kafka_security_kwargs(settings))
+        try:
+            await client.bootstrap()
+        finally:
+            await client.close()
+
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    deadline = time.monotonic() + timeout_s
+    delay = BROKER_BACKOFF_S[0]
+    while True:
+        quiet.setLevel(logging.CRITICAL)  # aiokafka logs every refused connection at ERROR
+        try:
+            asyncio.run(probe())
+            return
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            error = str(exc) or type(exc).__name__
+        finally:
+            quiet.setLevel(level)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CommandError(f"no Kafka broker answered at {settings.kafka} within {timeout_s:.0f} s ({error}); "
+                               "start the broker, or point the worker at it with --kafka / ROADPULSE_KAFKA")
+        log.warning("Kafka at %s is not reachable (%s); retrying in %.1f s", settings.kafka, error, min(delay, left))
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, BROKER_BACKOFF_S[1])
