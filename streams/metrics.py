@@ -65,7 +65,7 @@ UNMATCHED_REASONS: tuple[str, ...] = (
     "no_route",  # no feasible path from the previous match (HMM break)
     "trip_trim",  # inside the privacy-trimmed start/end stretch of a trip
     "stationary",  # repeats the previous ping: adds no information
-    "late",  # older than the newest ping already matched for its device
+    "late",  # older than the newest ping already matched for its device, or than the trip-expiry horizon
 )
 #: Jam levels of a segment speed: 0 free flow ... 5 standstill.
 JAM_LEVELS: tuple[int, ...] = (0, 1, 2, 3, 4, 5)

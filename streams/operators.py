@@ -281,6 +281,7 @@ class IngestMatch:
             last_msg[p.device] = m
         rejected: list[tuple[int, str]] = []
         newest = self.watermark if self.watermark is not None else -math.inf
+        stale_before = newest - self.gap_s - EXPIRY_SLACK_S
         n_rounds = max(len(c) for c in chunks.values())
         for r in range(n_rounds):
             items: list[tuple[MatcherState, list[Ping]]] = []
@@ -291,6 +292,18 @@ class IngestMatch:
                 positions = dev_chunks[r]
                 state = self.devices.get(dev)
                 if state is None:
+                    # Pings of a device without state that are older than the expiry horizon belong to a trip
+                    # the watermark has already ended: after a crash, the replay since the last commit
+                    # re-delivers pings of trips that ended (and were deleted) since; re-matching them as a
+                    # new trip would publish their traversals twice. Counted as unmatched ``late``.
+                    fresh = [k for k in positions if pings[k].ts >= stale_before]
+                    if len(fresh) < len(positions):
+                        n_late = len(positions) - len(fresh)
+                        self.stats.unmatched["late"] += n_late
+                        metrics.PINGS_UNMATCHED.labels(reason="late").inc(n_late)
+                        positions = fresh
+                        if not positions:
+                            continue
                     state = self.devices[dev] = DeviceState(TripTrimState(), self.matcher.new_state())
                 res = self.trimmer.push(state.trim, [pings[k] for k in positions])
                 rejected.extend((positions[i], reason) for i, reason in res.rejected)
