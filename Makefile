@@ -10,11 +10,11 @@ TEST_STAMP := $(VENV)/.installed-test
 # Two stamps: the demo needs only the package, the tests also need the [test] extras.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-compile -e .
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-compile -e '.[test]'
 	touch $(TEST_STAMP)
 
 venv: $(TEST_STAMP)
