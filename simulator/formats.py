@@ -236,8 +236,7 @@ def write_pings(path: str | os.PathLike[str], pings: Iterable[Ping], fmt: str | 
             writer = csv.writer(fh)
             writer.writerow(PING_COLUMNS)
             for p in pings:
-                writer.writerow([p.device, _num(p.ts), _num(p.lat), _num(p.lon), _num(p.accuracy_m),
-                                 _num(p.speed_mps), _num(p.heading_deg)])
+                writer.writerow(_csv_row(p))
                 n += 1
         elif fmt == "jsonl":
             for p in pings:
@@ -266,8 +265,7 @@ def write_ping_batches(
             writer = csv.writer(fh)
             writer.writerow(PING_COLUMNS)
             for _, pings in batches:
-                writer.writerows([p.device, _num(p.ts), _num(p.lat), _num(p.lon), _num(p.accuracy_m),
-                                  _num(p.speed_mps), _num(p.heading_deg)] for p in pings)
+                writer.writerows(_csv_row(p) for p in pings)
                 n += len(pings)
         elif fmt == "jsonl":
             for device, pings in batches:
@@ -287,6 +285,11 @@ def batch_to_json(device: str, pings: Sequence[Ping]) -> str:
         del d["device"]
         items.append(d)
     return json.dumps({"device": device, "pings": items}, separators=(",", ":"))
+
+
+def _csv_row(p: Ping) -> list[str]:
+    """One ping as CSV cells in :data:`PING_COLUMNS` order."""
+    return [p.device, _num(p.ts), _num(p.lat), _num(p.lon), _num(p.accuracy_m), _num(p.speed_mps), _num(p.heading_deg)]
 
 
 def _num(v: float | None) -> str:

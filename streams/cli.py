@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from geo.network import RoadNetwork
+    from streams.settings import Settings
 
 from streams.commands import demo_cmd, evaluate_cmd, map_cmd, match_cmd, replay_cmd, serve_cmd, simulate_cmd, worker_cmd
 
@@ -14,6 +19,24 @@ COMMANDS = [demo_cmd, map_cmd, match_cmd, simulate_cmd, replay_cmd, evaluate_cmd
 
 class CommandError(Exception):
     """A failure the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+def load_configured_map(settings: "Settings") -> "RoadNetwork":
+    """The road network of ``settings.map`` (bundled name or file), through the network cache.
+
+    Raises
+    ------
+    CommandError
+        The map is missing, not OSM, or has no roads (one line for the user, exit code 2).
+    """
+    from geo.bundled import resolve_map
+    from geo.network import MapLoadError, load_network
+    from streams.settings import cache_dir
+
+    try:
+        return load_network(resolve_map(settings.map), cache=cache_dir(settings))
+    except MapLoadError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -184,20 +184,15 @@ def replay_command(args) -> int:
 
     from tqdm import tqdm
 
-    from geo.bundled import resolve_map
-    from geo.network import MapLoadError, load_network
-    from streams.cli import CommandError
-    from streams.settings import cache_dir, load_settings
+    from streams.cli import CommandError, load_configured_map
+    from streams.settings import load_settings
 
     if not args.embedded or not args.out:
         raise CommandError("--embedded and --out go together: roadpulse replay --pings FILE --embedded --out speeds.jsonl")
     if not Path(args.pings).is_file():
         raise CommandError(f"{args.pings}: no such ping file")
     settings = load_settings(getattr(args, "config", None), {"map": getattr(args, "map", None)})
-    try:
-        network = load_network(resolve_map(settings.map), cache=cache_dir(settings))
-    except MapLoadError as exc:
-        raise CommandError(str(exc)) from None
+    network = load_configured_map(settings)
     bar = tqdm(unit=" pings", unit_scale=True, disable=args.no_progress, desc="embedded", file=sys.stderr)
     t0 = time.perf_counter()
     try:

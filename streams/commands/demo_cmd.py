@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from geo.bundled import resolve_map
-from geo.network import MapLoadError, load_network
 
 if TYPE_CHECKING:  # pragma: no cover
     from geo.model import Ping
@@ -96,18 +94,15 @@ def demo_config(network: "RoadNetwork", seed: int = 1) -> "SimulationConfig":
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.cli import CommandError
-    from streams.settings import cache_dir, load_settings
+    from streams.cli import CommandError, load_configured_map
+    from streams.settings import load_settings
 
     settings = load_settings(args.config, overrides={"map": args.map, "http_host": args.host, "http_port": args.port})
     if not args.speed > 0:
         raise CommandError("--speed must be > 0 (simulated seconds per wall second)")
     if args.duration is not None and args.duration <= 0:
         raise CommandError("--duration must be > 0 seconds")
-    try:
-        network = load_network(resolve_map(settings.map), cache=cache_dir(settings))
-    except MapLoadError as exc:
-        raise CommandError(str(exc)) from None
+    network = load_configured_map(settings)
     return asyncio.run(_demo(network, settings, args.speed, args.duration, args.seed))
 
 

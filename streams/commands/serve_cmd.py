@@ -11,8 +11,6 @@ import argparse
 import asyncio
 import logging
 
-from geo.bundled import resolve_map
-from geo.network import MapLoadError, load_network
 
 log = logging.getLogger("roadpulse.serve")
 
@@ -28,18 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.cli import CommandError
-    from streams.settings import cache_dir, load_settings
+    from streams.cli import CommandError, load_configured_map
+    from streams.settings import load_settings
 
     settings = load_settings(args.config, overrides={
         "map": args.map, "kafka": args.kafka, "http_host": args.host, "http_port": args.port,
     })
     if args.duration is not None and args.duration <= 0:
         raise CommandError("--duration must be > 0 seconds")
-    try:
-        network = load_network(resolve_map(settings.map), cache=cache_dir(settings))
-    except MapLoadError as exc:
-        raise CommandError(str(exc)) from None
+    network = load_configured_map(settings)
     return asyncio.run(_serve(network, settings, args.duration))
 
 

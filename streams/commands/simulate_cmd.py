@@ -6,8 +6,6 @@ import argparse
 import dataclasses
 import time
 
-from geo.bundled import resolve_map
-from geo.network import MapLoadError, load_network
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,16 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from simulator import simulate_day
-    from streams.cli import CommandError
-    from streams.settings import cache_dir, load_settings
+    from streams.cli import CommandError, load_configured_map
+    from streams.settings import load_settings
 
     settings = load_settings(getattr(args, "config", None), {"map": args.map})
     config = build_config(args)
     t0 = time.perf_counter()
-    try:
-        network = load_network(resolve_map(settings.map), cache=cache_dir(settings))
-    except MapLoadError as exc:
-        raise CommandError(str(exc)) from None
+    network = load_configured_map(settings)
     bar = tqdm(total=100, unit="%", desc="traffic", disable=args.no_progress,
                bar_format="{desc:<8} {bar} {n:.0f}% [{elapsed}<{remaining}]")
 

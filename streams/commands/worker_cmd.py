@@ -34,22 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geo.bundled import resolve_map
-    from geo.network import MapLoadError, load_network
     from streams import metrics
     from streams.app import WorkerOptions, create_app
-    from streams.cli import CommandError
-    from streams.settings import cache_dir, load_settings
+    from streams.cli import CommandError, load_configured_map
+    from streams.settings import load_settings
 
     settings = load_settings(args.config, overrides={
         "map": args.map, "kafka": args.kafka, "partitions": args.partitions,
     })
     if settings.partitions < 1:
         raise CommandError("partitions must be >= 1")
-    try:
-        network = load_network(resolve_map(settings.map), cache=cache_dir(settings))
-    except MapLoadError as exc:
-        raise CommandError(str(exc)) from None
+    network = load_configured_map(settings)
     metrics.set_build_info(map_name=settings.map)
     if args.metrics_port is not None:
         metrics.start_metrics_server(args.metrics_port)
