@@ -8,7 +8,10 @@ previous one) over tiny arrays (a handful of candidates per ping), so numpy's pe
   :meth:`geo.network.RoadNetwork.nearby_segments` (same rows, same order);
 * :func:`viterbi_run` — candidates of one device's pings in, the online Viterbi recursion with
   convergence and fixed-lag decisions (:class:`geo.matcher.OnlineMatcher`), decided positions out;
-* :func:`emit_traversals` — decided positions in, traversals (with interpolated times) out.
+* :func:`emit_traversals` — decided positions in, traversals (with interpolated times) out;
+* :func:`ping_candidates`, :func:`viterbi_emit`, :func:`place_decided`, :func:`snap_matched` —
+  the above as the matcher calls them, fused so that a push costs few calls from Python (each
+  costs microseconds, and every array handed back about one).
 
 They implement, line by line, the same arithmetic as the numpy code they replace (no fast-math),
 so results are identical. Compiled code is cached on disk (``cache=True``) after the first run.
@@ -280,8 +283,11 @@ def viterbi_run(w_ts, w_seq, w_ptr, w_seg, w_off, w_bp, w_scores, sc,
     best_a = np.empty(kmax, np.int64)
     gaps = np.empty(kmax, np.float64)
     order_a = np.empty(kmax, np.int64)
+    # A sparse hash set (at most 1/16 full): a route-table entry that is no candidate, nearly all
+    # of them, then usually lands on an empty slot, and the probe loop's branch stays predictable
+    # (half full, it was 5-7 % slower).
     hsize = 16
-    while hsize < 2 * kmax:
+    while hsize < 16 * kmax:
         hsize *= 2
     hmask = hsize - 1
     hkey = np.full(hsize, -1, np.int64)
@@ -845,3 +851,151 @@ def points_at_offsets(geom_x, geom_y, geom_ptr, cum, length_m, segments, offsets
         px[i] = geom_x[j] + t * (geom_x[j + 1] - geom_x[j])
         py[i] = geom_y[j] + t * (geom_y[j + 1] - geom_y[j])
     return px, py
+
+
+# ------------------------------------------------------------------ candidates
+@nb.njit(cache=True, nogil=True)
+def ping_candidates(px, py, sigma, min_radius, radius_sigmas, origin_x, origin_y, cell_m, grid_nx, grid_ny,
+                    cell_ptr, cell_data, length_m, reverse_of, max_per_point, buf_cap, out_cap):
+    """Candidates of the matcher's pings with their emission scores (``OnlineMatcher._candidates``).
+
+    The search radius of ping ``i`` is ``max(min_radius, radius_sigmas * sigma[i])`` (metres);
+    the search is :func:`nearby_candidates`. Returns ``(ok, ptr, segment, offset, emission)``:
+    offsets rounded to float32 (the matcher state stores them so), emissions
+    ``-0.5 (distance / sigma)^2``, in the same arithmetic as the numpy expressions they replace.
+    ``ok`` False: call again with larger capacities (see :func:`nearby_candidates`).
+    """
+    n = len(px)
+    radius = np.empty(n, np.float64)
+    for i in range(n):
+        radius[i] = max(min_radius, radius_sigmas * sigma[i])
+    ok, ptr, seg, dist, off, _, _ = nearby_candidates(px, py, radius, origin_x, origin_y, cell_m, grid_nx, grid_ny,
+                                                      cell_ptr, cell_data, length_m, reverse_of, max_per_point,
+                                                      buf_cap, out_cap)
+    m = len(seg)
+    offs = np.empty(m, np.float64)
+    emis = np.empty(m, np.float64)
+    if ok:
+        for i in range(n):
+            s = sigma[i]
+            for q in range(ptr[i], ptr[i + 1]):
+                offs[q] = np.float64(np.float32(off[q]))
+                z = dist[q] / s
+                emis[q] = -0.5 * (z * z)
+    return ok, ptr, seg, offs, emis
+
+
+# ------------------------------------------------------------------ batch output
+@nb.njit(cache=True, nogil=True)
+def place_decided(kept_at, status, trip0, ev_kind, ev_seq, ev_seg, ev_off, seg, off, trip):
+    """Write each matched ping's decided position into the per-ping arrays (``geo.matcher.match_trace``).
+
+    ``status``: step number (or ``ST_*`` code) of each accepted ping, ``kept_at`` its index in the
+    trace; events as from :func:`viterbi_run` (``EV_END`` closes trip ``trip0``, then the next).
+    ``seg``, ``off``, ``trip`` (one entry per trace ping) are updated in place; a step decided more
+    than once takes its last decision.
+    """
+    top = -1
+    for i in range(len(status)):
+        top = max(top, status[i])
+    for e in range(len(ev_seq)):
+        top = max(top, ev_seq[e])
+    at = np.full(top + 1, -1, np.int64)
+    ev_trip = np.empty(len(ev_kind), np.int64)
+    t = trip0
+    for e in range(len(ev_kind)):
+        if ev_kind[e] == EV_END:
+            t += 1
+        else:
+            at[ev_seq[e]] = e
+            ev_trip[e] = t
+    for i in range(len(status)):
+        s = status[i]
+        if s >= 0:
+            e = at[s]
+            if e >= 0:
+                p = kept_at[i]
+                seg[p] = ev_seg[e]
+                off[p] = ev_off[e]
+                trip[p] = ev_trip[e]
+
+
+@nb.njit(cache=True, nogil=True)
+def snap_matched(seg, off, segment_ids, geom_x, geom_y, geom_ptr, cum, length_m):
+    """Segment ids of the matched pings (-1 where ``seg`` is -1) and, for the matched ones, their
+    indices and snapped metric points (:func:`points_at_offsets`). Returns ``(ids, rows, x, y)``."""
+    n = len(seg)
+    ids = np.empty(n, np.int64)
+    rows = np.empty(n, np.int64)
+    k = 0
+    for i in range(n):
+        if seg[i] >= 0:
+            ids[i] = segment_ids[seg[i]]
+            rows[k] = i
+            k += 1
+        else:
+            ids[i] = -1
+    rows = rows[:k]
+    x, y = points_at_offsets(geom_x, geom_y, geom_ptr, cum, length_m, seg[rows], off[rows])
+    return ids, rows, x, y
+
+
+@nb.njit(cache=True, nogil=True)
+def emit_traversals_packed(ev_kind, ev_seg, ev_off, ev_ts, e0, ot, out_cap, segment_ids, length_m, reverse_of,
+                           row_ptr, col, gap_m, pred, uturn_penalty_m, min_cover_m):
+    """:func:`emit_traversals` with the output as the matcher takes it: ``(stop, why, ids, times)``,
+    segment ids and one (3, n) array of entry times, exit times and fractions (each array handed
+    back to Python costs about a microsecond)."""
+    stop, why, seg, t0, t1, frac = emit_traversals(ev_kind, ev_seg, ev_off, ev_ts, e0, ot, out_cap, length_m,
+                                                   reverse_of, row_ptr, col, gap_m, pred, uturn_penalty_m,
+                                                   min_cover_m)
+    n = len(seg)
+    ids = np.empty(n, np.int64)
+    times = np.empty((3, n), np.float64)
+    for i in range(n):
+        ids[i] = segment_ids[seg[i]]
+        times[0, i] = t0[i]
+        times[1, i] = t1[i]
+        times[2, i] = frac[i]
+    return stop, why, ids, times
+
+
+@nb.njit(cache=True, nogil=True)
+def viterbi_emit(w_ts, w_seq, w_ptr, w_seg, w_off, w_bp, w_scores, sc,
+                 p_ts, p_x, p_y, p_sigma, c_ptr, c_seg, c_off, c_emis, i0, pre_trans, finish,
+                 status, length_m, reverse_of, row_ptr, col, gap_m, cf,
+                 ot, segment_ids, pred, uturn_penalty_m, min_cover_m):
+    """:func:`viterbi_run`, then, if it ran to the end, :func:`emit_traversals_packed` on its
+    events from the first (``e0`` 0, room for ``4 E + 64`` traversals), in one call from Python.
+
+    A call from Python costs several microseconds and each array handed back about one, as much
+    as a ping's work: so one call, and everything in two arrays. Returns ``(stop, S, M, K, E,
+    estop, why, T, ints, floats)``: ``ints`` = viterbi_run's ``wi``, ``ei``, then the T traversals'
+    segment ids; ``floats`` = its ``wf``, ``ef``, then the traversals' entry times, exit times and
+    fractions (T each). ``estop`` is -1 when the recursion stopped early (nothing emitted).
+    """
+    stop, S, M, nk, E, wi, wf, ei, ef = viterbi_run(
+        w_ts, w_seq, w_ptr, w_seg, w_off, w_bp, w_scores, sc, p_ts, p_x, p_y, p_sigma, c_ptr, c_seg, c_off,
+        c_emis, i0, pre_trans, finish, status, length_m, reverse_of, row_ptr, col, gap_m, cf)
+    if stop == len(p_ts):
+        estop, why, ids, times = emit_traversals_packed(
+            ei[:E], ei[2 * E:], ef[:E], ef[E:], 0, ot, 4 * E + 64, segment_ids, length_m, reverse_of, row_ptr, col,
+            gap_m, pred, uturn_penalty_m, min_cover_m)
+    else:
+        estop = -1
+        why = 0
+        ids = np.empty(0, np.int64)
+        times = np.empty((3, 0), np.float64)
+    T = len(ids)
+    ni = len(wi) + len(ei)
+    ints = np.empty(ni + T, np.int64)
+    ints[:len(wi)] = wi
+    ints[len(wi):ni] = ei
+    ints[ni:] = ids
+    nf = len(wf) + len(ef)
+    floats = np.empty(nf + 3 * T, np.float64)
+    floats[:len(wf)] = wf
+    floats[len(wf):nf] = ef
+    for r in range(3):
+        floats[nf + r * T:nf + (r + 1) * T] = times[r]
+    return stop, S, M, nk, E, estop, why, T, ints, floats

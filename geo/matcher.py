@@ -23,10 +23,12 @@ Batch matching (:func:`match_trace`) is the same engine fed the whole trace at o
 batch results agree wherever the lag bound does not force an early decision.
 
 Speed: the per-ping work is sequential and tiny (a handful of candidates), so it runs compiled
-(numba, :mod:`geo.kernels`): one candidate search for all pings of a push, then per device one
-call of the Viterbi recursion (transitions from the route table's rows, exact pruning of
-hypotheses that cannot win, convergence and lag decisions) and one of the traversal builder.
-The numpy code of :meth:`OnlineMatcher._transitions` remains the reference for steps whose routes
+(numba, :mod:`geo.kernels`): one candidate search (with emission scores) for all pings of a
+push, then per device one call that runs the Viterbi recursion (transitions from the route
+table's rows, exact pruning of hypotheses that cannot win, convergence and lag decisions) and the
+traversal builder. The Python around them is kept to whole-array work per push: the pings' fields
+are read in one pass, screening is a few comparisons per device when its pings are in order, and
+traversal objects are built field by field in C loops. The numpy code of :meth:`OnlineMatcher._transitions` remains the reference for steps whose routes
 exceed the route table's bound (a bounded Dijkstra), which the compiled recursion hands back.
 
 Lag contract: a ping's candidate is decided no later than the first push that brings a ping at
@@ -37,10 +39,13 @@ from __future__ import annotations
 
 import copy
 import struct
+import types
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 
 import numpy as np
 
@@ -323,8 +328,7 @@ class _Batch:
 
 
 _NO_PRE = np.zeros((0, 0))
-#: Pushes of up to this many pings project coordinates one by one (see ``_candidates``).
-_SCALAR_PROJECTION_MAX = 8
+_TS, _LAT, _LON, _ACCURACY, _DEVICE = (attrgetter(k) for k in ("ts", "lat", "lon", "accuracy_m", "device"))
 
 
 class OnlineMatcher:
@@ -351,9 +355,10 @@ class OnlineMatcher:
         t = self.table
         # Arguments of the compiled kernels, bound once (numba's per-call cost grows with them).
         self._net_args = (network.length_m, network.reverse_of, t.row_ptr, t.col, t.gap_m)
-        self._emit_args = (network.length_m, network.reverse_of, t.row_ptr, t.col, t.gap_m, t.pred,
+        self._emit_args = (network.segment_ids, network.length_m, network.reverse_of, t.row_ptr, t.col, t.gap_m, t.pred,
                            float(config.uturn_penalty_m), MIN_COVER_M)
         self._cf = self._config_vector(self._max_lag_s)
+        self._viterbi_emit_args = (network.segment_ids, t.pred, float(config.uturn_penalty_m), MIN_COVER_M)
 
     def _config_vector(self, max_lag_s: float) -> np.ndarray:
         cfg = self.config
@@ -422,85 +427,114 @@ class OnlineMatcher:
         Returns, per device, its result, the indices of the pings accepted by the screening, the
         screening's drop reasons (ping index -> reason) and each accepted ping's step number (or an
         ``ST_*`` code when the model dropped it). ``finish`` ends every trip after its pings;
-        ``decided`` collects the decided positions ``(seq, seg, off, trip)`` arrays of each device
-        (for :func:`match_trace`).
+        ``decided`` collects each device's decided positions as ``(trip0, kind, seq, seg, off)``:
+        the trip number at the start and the events of :func:`geo.kernels.viterbi_run` (for
+        :func:`match_trace`).
         """
-        # 1. Per-device screening (duplicates, order) in plain Python: cheap and sequential.
-        states, accepted, results, screened = [], [], [], []
+        # 1. Every ping's fields in one pass over all devices (C-level attribute reads).
+        items = [(s, p if isinstance(p, (list, tuple)) else list(p)) for s, p in items]
+        flat = items[0][1] if len(items) == 1 else [p for _, pings in items for p in pings]
+        n_all = len(flat)
+        devices = list(map(_DEVICE, flat))
+        # Pairs of consecutive pings not strictly in time order, counted up to each ping.
+        disorder = np.zeros(max(n_all, 1), dtype=np.int64)
+        try:
+            ts: np.ndarray | None = np.fromiter(map(_TS, flat), dtype=np.float64, count=n_all)
+        except (TypeError, ValueError):
+            ts = None  # a time that is no number: left to the ping-by-ping rules
+        if ts is not None and n_all > 1:
+            np.cumsum(~(ts[1:] > ts[:-1]), out=disorder[1:])
+        # 2. Per-device screening (device, order, duplicates). Usually a device's pings are its own
+        #    and strictly newer than the last one seen: nothing to drop, decided with a few
+        #    comparisons. Otherwise the sequential rules, ping by ping.
+        states, results, screened = [], [], []
+        kept_parts: list[np.ndarray] = []
+        all_kept = True
+        a = 0
         for state, pings in items:
             st = state if inplace else state.copy()
+            n = len(pings)
+            b = a + n
             dropped: Counter[str] = Counter()
-            keep: list[Ping] = []
-            kept_at: list[int] = []
             drops: dict[int, str] = {}
-            device, last_ts, last_lat, last_lon = st.device, st.last_ts, st.last_lat, st.last_lon
-            for i, p in enumerate(pings):
-                if not device:
-                    device = p.device
-                elif p.device != device:
-                    drops[i] = "device_mismatch"
-                    continue
-                ts = p.ts
-                if ts < last_ts:
-                    drops[i] = "out_of_order"
-                    continue
-                if ts == last_ts and p.lat == last_lat and p.lon == last_lon:
-                    drops[i] = "duplicate"
-                    continue
-                last_ts, last_lat, last_lon = ts, p.lat, p.lon
-                kept_at.append(i)
-                keep.append(p)
-            if drops:
-                dropped.update(drops.values())
-            st.device, st.last_ts, st.last_lat, st.last_lon = device, last_ts, last_lat, last_lon
+            device = st.device or (devices[a] if n else "")
+            if n and ts is not None and ts[a] > st.last_ts and disorder[b - 1] == disorder[a] and (
+                    devices.count(device) == n if n == n_all else devices[a:b].count(device) == n):
+                kept_at: list[int] | np.ndarray = np.arange(n)
+                last = pings[-1]
+                st.device, st.last_ts, st.last_lat, st.last_lon = device, last.ts, last.lat, last.lon
+            else:
+                kept_at = []
+                device, last_ts, last_lat, last_lon = st.device, st.last_ts, st.last_lat, st.last_lon
+                for i, p in enumerate(pings):
+                    if not device:
+                        device = p.device
+                    elif p.device != device:
+                        drops[i] = "device_mismatch"
+                        continue
+                    t = p.ts
+                    if t < last_ts:
+                        drops[i] = "out_of_order"
+                        continue
+                    if t == last_ts and p.lat == last_lat and p.lon == last_lon:
+                        drops[i] = "duplicate"
+                        continue
+                    last_ts, last_lat, last_lon = t, p.lat, p.lon
+                    kept_at.append(i)
+                if drops:
+                    dropped.update(drops.values())
+                    all_kept = False
+                st.device, st.last_ts, st.last_lat, st.last_lon = device, last_ts, last_lat, last_lon
+            kept_parts.append(np.asarray(kept_at, dtype=np.int64) + a)
             states.append(st)
-            accepted.append(keep)
             screened.append((kept_at, drops))
             results.append(MatchResult(st, [], 0, 0, dropped))
-        flat = [p for keep in accepted for p in keep] if len(accepted) > 1 else accepted[0] if accepted else []
-        batch = self._candidates(flat) if flat else None
+            a = b
+        # 3. One candidate search for the accepted pings of all devices.
+        batch = None
+        if n_all:
+            if all_kept and ts is not None:
+                batch = self._candidates(flat, ts)
+            else:
+                kept = [flat[i] for i in np.concatenate(kept_parts).tolist()]
+                if kept:
+                    batch = self._candidates(kept)
         start = 0
         out = []
-        for st, keep, res, (kept_at, drops) in zip(states, accepted, results, screened):
-            seqs = self._run(st, batch, start, len(keep), res, finish, decided) if keep or finish else _EMPTY_I
-            start += len(keep)
+        for st, res, (kept_at, drops) in zip(states, results, screened):
+            count = len(kept_at)
+            seqs = self._run(st, batch, start, count, res, finish, decided) if count or finish else _EMPTY_I
+            start += count
             res.unmatched = sum(v for k, v in res.dropped.items() if k not in SPLIT_REASONS)
             out.append((res, kept_at, drops, seqs))
         return out
 
-    def _candidates(self, pings: Sequence[Ping]) -> _Batch:
+    def _candidates(self, pings: Sequence[Ping], ts: np.ndarray | None = None) -> _Batch:
+        """Candidates of the accepted ``pings`` (all devices); ``ts`` their times, if already read."""
         cfg = self.config
         n = len(pings)
-        b = _Batch()
-        b.ts = np.fromiter([p.ts for p in pings], dtype=np.float64, count=n)
-        sigma = np.full(n, cfg.sigma_m)
+        if ts is None:
+            ts = np.fromiter(map(_TS, pings), dtype=np.float64, count=n)
+        lon = np.fromiter(map(_LON, pings), dtype=np.float64, count=n)
+        lat = np.fromiter(map(_LAT, pings), dtype=np.float64, count=n)
+        acc = None
         if cfg.use_accuracy:
-            acc = np.fromiter([np.nan if p.accuracy_m is None else p.accuracy_m for p in pings], dtype=np.float64,
-                              count=n)
+            accs = list(map(_ACCURACY, pings))
+            if accs.count(None) != n:
+                acc = np.array([np.nan if v is None else v for v in accs], dtype=np.float64)
+        b = _Batch()
+        b.ts = ts
+        sigma = np.full(n, cfg.sigma_m)
+        if acc is not None:
             has = np.isfinite(acc)
             if has.any():
                 sigma[has] = np.clip(acc[has], cfg.min_sigma_m, cfg.max_sigma_m)
         b.sigma = sigma
-        if n <= _SCALAR_PROJECTION_MAX:
-            # A few pings (a single device's push): pyproj's scalar path is ~10x cheaper a call
-            # than its array path, and gives the same numbers.
-            fwd = self.network._fwd.transform
-            xy = [fwd(p.lon, p.lat) for p in pings]
-            b.x = np.array([v[0] for v in xy])
-            b.y = np.array([v[1] for v in xy])
-        else:
-            lon = np.fromiter([p.lon for p in pings], dtype=np.float64, count=n)
-            lat = np.fromiter([p.lat for p in pings], dtype=np.float64, count=n)
-            xy = self.network.to_xy(lon, lat)
-            b.x = np.ascontiguousarray(xy[:, 0])
-            b.y = np.ascontiguousarray(xy[:, 1])
-        radius = np.maximum(cfg.search_radius_m, cfg.radius_sigmas * sigma)
-        ptr, seg, dist, off = self.network._nearby_csr(b.x, b.y, radius, cfg.max_candidates)[:4]
-        b.cand_ptr = ptr
-        b.segs = seg
-        # float32-exact offsets: the state stores them as float32 and must round-trip exactly.
-        b.offs = off.astype(np.float32).astype(np.float64)
-        b.emis = -0.5 * (dist / np.repeat(sigma, np.diff(ptr))) ** 2
+        b.x, b.y = self.network._project(lon, lat)
+        # Radius max(search_radius_m, radius_sigmas * sigma); float32-exact offsets (the state
+        # stores them as float32 and must round-trip exactly); emission -0.5 (d / sigma)^2.
+        b.cand_ptr, b.segs, b.offs, b.emis = self.network._ping_candidates(
+            b.x, b.y, sigma, cfg.search_radius_m, cfg.radius_sigmas, cfg.max_candidates)
         return b
 
     def _transitions(
@@ -595,10 +629,23 @@ class OnlineMatcher:
         trip0 = st.trip
         i0, pre = 0, _NO_PRE
         events = []
+        emitted = None
         while True:
-            stop, S, M, _, E, wi, wf, ei, ef = K.viterbi_run(
-                *window, sc, p_ts, p_x, p_y, p_sig, c_ptr, c_seg, c_off, c_emis, i0, pre, finish, status,
-                *self._net_args, self._cf)
+            if i0 == 0:
+                # The usual case, one call: the recursion over all pings, then their traversals.
+                stop, S, M, nk, E, estop, why, T, wi, wf = K.viterbi_emit(
+                    *window, sc, p_ts, p_x, p_y, p_sig, c_ptr, c_seg, c_off, c_emis, i0, pre, finish, status,
+                    *self._net_args, self._cf, ot, *self._viterbi_emit_args)
+                ni, nf = 2 * S + 1 + 2 * M, S + M + nk
+                ei, ef = wi[ni:ni + 3 * E], wf[nf:nf + 2 * E]
+                if estop >= 0:
+                    ni, nf = ni + 3 * E, nf + 2 * E
+                    emitted = [estop, why, wi[ni:ni + T], wf[nf:nf + 3 * T].reshape(3, T)]
+                wi, wf = wi[:2 * S + 1 + 2 * M], wf[:S + M + nk]
+            else:
+                stop, S, M, _, E, wi, wf, ei, ef = K.viterbi_run(
+                    *window, sc, p_ts, p_x, p_y, p_sig, c_ptr, c_seg, c_off, c_emis, i0, pre, finish, status,
+                    *self._net_args, self._cf)
             window = K.unpack_window(S, M, wi, wf)
             if E:
                 events.append(K.unpack_events(E, ei, ef))
@@ -619,7 +666,7 @@ class OnlineMatcher:
         st.seq = int(seq)
         st.trip = int(trip)
         st.last_xy = (x, y)
-        n_dropped = count - int(np.count_nonzero(status >= 0)) if count else 0
+        n_dropped = count - int(np.count_nonzero(status >= 0)) if count and status.min() < 0 else 0
         res.matched += count - n_dropped
         if n_dropped:
             no_cand = int(np.count_nonzero(status == K.ST_NO_CANDIDATE))
@@ -634,26 +681,30 @@ class OnlineMatcher:
         if events:
             ek, eq, eg, eo, et = (np.concatenate(a) for a in zip(*events)) if len(events) > 1 else events[0]
             if decided is not None:
-                trip = trip0 + np.cumsum(ek == K.EV_END) - (ek == K.EV_END)
-                pos = ek != K.EV_END
-                decided.append((eq[pos], eg[pos], eo[pos], trip[pos]))
-            self._traversals(st, ek, eg, eo, et, ot, res.traversals)
+                decided.append((trip0, ek, eq, eg, eo))
+            # The compiled call emitted the traversals already when it ran to the end (one chunk).
+            self._traversals(st, ek, eg, eo, et, ot, res.traversals, emitted if len(events) == 1 else None)
         open_seg, st.open_t_enter, st.open_entry_off, st.pos_off = ot.tolist()[:4]
         st.open_seg = int(open_seg)
         return status
 
     def _traversals(self, st: MatcherState, ek: np.ndarray, eg: np.ndarray, eo: np.ndarray, et: np.ndarray,
-                    ot: np.ndarray, out: list[Traversal]) -> None:
-        """Decided positions -> traversals (compiled; moves beyond the route table in Python)."""
+                    ot: np.ndarray, out: list[Traversal], first: list | None = None) -> None:
+        """Decided positions -> traversals (compiled; moves beyond the route table in Python).
+
+        ``first``: the result of the first compiled call (from ``e0`` 0), if already made.
+        """
         e0, n = 0, len(ek)
-        ids = self.network.segment_ids
         dev = st.device
         cap = 4 * n + 64
         while True:
-            stop, why, seg, t0, t1, frac = K.emit_traversals(ek, eg, eo, et, e0, ot, cap, *self._emit_args)
-            if len(seg):
-                out += [Traversal(i, dev, a, b_, f) for i, a, b_, f in
-                        zip(ids[seg].tolist(), t0.tolist(), t1.tolist(), frac.tolist())]
+            if first is not None:
+                (stop, why, seg_ids, times), first = first, None
+            else:
+                stop, why, seg_ids, times = K.emit_traversals_packed(ek, eg, eo, et, e0, ot, cap, *self._emit_args)
+            if len(seg_ids):
+                t0, t1, frac = times.tolist()
+                out += _traversal_objects(seg_ids.tolist(), dev, t0, t1, frac)
             if stop == n:
                 return
             if why == 2:  # output buffer full (long routes between decided pings): more room
@@ -716,6 +767,41 @@ class OnlineMatcher:
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
 _EMPTY_F = np.zeros(0, dtype=np.float64)
+#: A new device's state; copies of it are new states (arrays are never modified in place).
+_EMPTY_STATE = MatcherState()
+
+
+def _slot_setters() -> tuple | None:
+    """The slot setters of :class:`Traversal`'s fields, if it is a plain slotted class (it is)."""
+    names = ("segment_id", "device", "t_enter", "t_exit", "fraction")
+    d = vars(Traversal)
+    if "__post_init__" in d or not all(isinstance(d.get(k), types.MemberDescriptorType) for k in names):
+        return None
+    return tuple(d[k].__set__ for k in names)
+
+
+_TRAVERSAL_SET = _slot_setters()
+_exhaust = deque(maxlen=0).extend
+
+
+def _traversal_objects(ids: list[int], device: str, t0: list[float], t1: list[float],
+                       frac: list[float]) -> list[Traversal]:
+    """``[Traversal(i, device, a, b, f) ...]`` built field by field in C loops.
+
+    The frozen dataclass's ``__init__`` (five ``object.__setattr__`` calls from Python) costs
+    about 1.5 µs a traversal, as much as matching a ping; setting the slots through their
+    descriptors with ``map`` gives the same objects for a third of that.
+    """
+    if _TRAVERSAL_SET is None or len(ids) <= 2:  # (a few: the constructor is cheaper than six C loops)
+        return [Traversal(i, device, a, b, f) for i, a, b, f in zip(ids, t0, t1, frac)]
+    s_id, s_dev, s_t0, s_t1, s_frac = _TRAVERSAL_SET
+    objs = list(map(object.__new__, repeat(Traversal, len(ids))))
+    _exhaust(map(s_id, objs, ids))
+    _exhaust(map(s_dev, objs, repeat(device)))
+    _exhaust(map(s_t0, objs, t0))
+    _exhaust(map(s_t1, objs, t1))
+    _exhaust(map(s_frac, objs, frac))
+    return objs
 _REASON_OF_CODE = {K.ST_NO_CANDIDATE: "no_candidate", K.ST_NO_TRANSITION: "no_transition"}
 
 
@@ -770,8 +856,8 @@ def match_trace(network: RoadNetwork, pings: Sequence[Ping], config: MatcherConf
         Matcher parameters (ignored when ``matcher`` is given).
     """
     m = (matcher if matcher is not None else OnlineMatcher(network, config))._without_lag()
-    decided: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    [(res, kept_at, drops, seqs)] = m._push_many([(m.new_state(), pings)], inplace=True, finish=True,
+    decided: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    [(res, kept_at, drops, seqs)] = m._push_many([(_EMPTY_STATE.copy(), pings)], inplace=True, finish=True,
                                                  decided=decided)
     n = len(pings)
     seg = np.full(n, -1, dtype=np.int64)
@@ -781,24 +867,18 @@ def match_trace(network: RoadNetwork, pings: Sequence[Ping], config: MatcherConf
     for i, why in drops.items():
         reason[i] = why
     kept_at = np.asarray(kept_at, dtype=np.int64)
-    for i in np.flatnonzero(seqs < 0).tolist():
-        reason[int(kept_at[i])] = _REASON_OF_CODE[int(seqs[i])]
-    if decided:
+    if len(seqs) and seqs.min() < 0:
+        for i in np.flatnonzero(seqs < 0).tolist():
+            reason[int(kept_at[i])] = _REASON_OF_CODE[int(seqs[i])]
+    for trip0, ek, eq, eg, eo in decided:
         # What was decided for each matched ping's step.
-        d_seq, d_seg, d_off, d_trip = (np.concatenate(a) for a in zip(*decided))
-        at = np.full(int(max(seqs.max(initial=-1), d_seq.max(initial=-1))) + 1, -1, dtype=np.int64)
-        at[d_seq] = np.arange(len(d_seq))
-        row = np.where(seqs >= 0, at[np.maximum(seqs, 0)], -1)
-        hit = row >= 0
-        ping = kept_at[hit]
-        seg[ping] = d_seg[row[hit]]
-        off[ping] = d_off[row[hit]]
-        trip[ping] = d_trip[row[hit]]
-    ok = seg >= 0
+        K.place_decided(kept_at, seqs, trip0, ek, eq, eg, eo, seg, off, trip)
+    ids, rows, x, y = K.snap_matched(seg, off, network.segment_ids, *_cumulative_geometry(network), network.length_m)
     snapped = np.full((n, 2), np.nan)
-    if ok.any():
-        snapped[ok] = network.to_lonlat(points_at_offsets(network, seg[ok], off[ok]))
-    ids = np.where(ok, network.segment_ids[np.maximum(seg, 0)], -1)
+    if len(rows):
+        lon, lat = network._project(x, y, inverse=True)
+        snapped[rows, 0] = lon
+        snapped[rows, 1] = lat
     return TraceMatch(seg, ids, off, snapped, trip, reason, res.traversals, res.dropped, res.matched, res.unmatched)
 
 
@@ -810,10 +890,15 @@ def points_at_offsets(network: RoadNetwork, segments: np.ndarray, offsets_m: np.
     """Points ``offsets_m`` metres along ``segments`` (vectorised), metric (N, 2)."""
     segments = np.ascontiguousarray(segments, dtype=np.int64)
     offsets_m = np.ascontiguousarray(np.broadcast_to(offsets_m, segments.shape), dtype=np.float64)
+    x, y = K.points_at_offsets(*_cumulative_geometry(network), network.length_m, segments, offsets_m)
+    return np.column_stack([x, y])
+
+
+def _cumulative_geometry(network: RoadNetwork) -> tuple[np.ndarray, ...]:
+    """Vertex x, y (metres), segment vertex pointers and cumulative metres along the vertex arrays."""
     geom = _CUM.get(network)
     if geom is None:
         g = network.geom_xy
         cum = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(g, axis=0).T))])
         geom = _CUM[network] = (np.ascontiguousarray(g[:, 0]), np.ascontiguousarray(g[:, 1]), network.geom_ptr, cum)
-    x, y = K.points_at_offsets(*geom, network.length_m, segments, offsets_m)
-    return np.column_stack([x, y])
+    return geom

@@ -118,6 +118,41 @@ def _number(raw: Mapping[str, Any], key: str, required: bool) -> float | None:
     return value
 
 
+_NUMBER_TYPES = (float, int)  # exact types: bool is an int subclass and is not a number here
+
+
+def _optional_plain(raw: dict[str, Any], key: str, low: float, high: float) -> tuple[bool, float | None]:
+    value = raw.get(key)
+    if value is None:
+        return True, None
+    if type(value) in _NUMBER_TYPES and low <= value <= high:  # NaN fails the comparison
+        return True, float(value)
+    return False, None
+
+
+def _plain_ping(raw: dict[str, Any], device: str | None) -> Ping | None:
+    """The common case of :func:`parse_ping` in a few comparisons: a JSON object whose fields are plain
+    numbers within range and a printable device id. Returns ``None`` for anything else, which then takes
+    the full path (and gets its reason there); never accepts what the full path would reject."""
+    dev = raw.get("device", device)
+    if type(dev) is not str or not 0 < len(dev) <= MAX_DEVICE_ID_CHARS or not dev.isprintable():
+        return None
+    ts, lat, lon = raw.get("ts"), raw.get("lat"), raw.get("lon")
+    if type(ts) not in _NUMBER_TYPES or type(lat) not in _NUMBER_TYPES or type(lon) not in _NUMBER_TYPES:
+        return None
+    ts = float(ts)
+    if ts > 1e11:
+        ts /= 1000.0
+    if not (MIN_EPOCH_S <= ts < math.inf and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        return None
+    ok_a, acc = _optional_plain(raw, "accuracy_m", 0.0, 10_000.0)
+    ok_s, spd = _optional_plain(raw, "speed_mps", 0.0, 150.0)
+    ok_h, hdg = _optional_plain(raw, "heading_deg", 0.0, 360.0)
+    if not (ok_a and ok_s and ok_h):
+        return None
+    return Ping(dev, ts, float(lat), float(lon), acc, spd, hdg)
+
+
 def parse_ping(
     raw: Mapping[str, Any],
     *,
@@ -148,6 +183,10 @@ def parse_ping(
     PingRejected
         With a reason from :data:`REJECT_REASONS`.
     """
+    if type(raw) is dict:
+        ping = _plain_ping(raw, device)
+        if ping is not None and (now is None or now - max_age_s <= ping.ts <= now + max_future_s):
+            return ping
     if not isinstance(raw, Mapping):
         raise PingRejected("not_an_object", f"expected an object, got {type(raw).__name__}")
     dev = raw.get("device", device)

@@ -72,6 +72,8 @@ SNAPSHOT_CHUNK_BYTES: int = 512 * 1024
 MAX_PRODUCE_BYTES: int = 1_048_576
 #: Room for a dead letter's key, headers and record framing within :data:`MAX_PRODUCE_BYTES`.
 _DEAD_LETTER_OVERHEAD: int = 8_192
+#: Largest record batch the producer builds per partition, bytes (see the producer options in PipelineApp).
+PRODUCER_BATCH_BYTES: int = 512 * 1024
 _WM = struct.Struct("<d")
 #: Wall seconds between updates of ``CONSUMER_LAG{topic}`` (cheap: in-memory offsets, no broker request).
 CONSUMER_LAG_INTERVAL_S: float = 1.0
@@ -178,6 +180,11 @@ class PipelineApp:
             # Faust's default (1,000,000) is below what the pings topic accepts: a dead letter of a
             # near-limit message would not fit, crash the agent and stall its partition
             "producer_max_request_size": MAX_PRODUCE_BYTES,
+            # aiokafka blocks a send when its partition's batch is full until the batch is on its way, and
+            # sends one request per broker at a time: with the default 16 KiB batches, publishing a
+            # window's speeds waited for a broker round trip every ~50 records (measured: ~350 us per
+            # record, the tail of every replay). A batch may be as large as a request.
+            "producer_max_batch_size": PRODUCER_BATCH_BYTES,
         }
         faust_options.update(extra.get("faust", {}))
         credentials = broker_credentials(settings)
@@ -283,16 +290,33 @@ class PipelineApp:
             by_partition: dict[int, list[Any]] = defaultdict(list)
             for ev in events:
                 by_partition[ev.message.partition].append(ev)
-            for partition, evs in by_partition.items():
-                await self.process_ping_batch(partition, [(ev.key, ev.value) for ev in evs])
+            await self.process_ping_batches({p: [(ev.key, ev.value) for ev in evs] for p, evs in by_partition.items()})
+            for evs in by_partition.values():
                 self._processed(evs[-1].message)
 
     async def process_ping_batch(self, partition: int, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
         """One batch of one pings partition: ingest, match, send, then persist device states."""
+        await self.process_ping_batches({partition: messages})
+
+    async def process_ping_batches(self, batches: dict[int, Sequence[tuple[bytes | None, bytes]]]) -> None:
+        """One batch per pings partition: ingest and match each, send, wait for delivery, then persist the
+        device states of all of them and wait until they are on the broker (one round trip each, not one per
+        partition)."""
+        pending: list[Any] = []
+        done = []
+        for partition, messages in batches.items():
+            done.append((partition, await self._ingest_and_send(partition, messages, pending)))
+        await _delivered(pending)
+        for partition, op in done:
+            self._persist_devices(partition, op)
+        await self._persisted()
+
+    async def _ingest_and_send(self, partition: int, messages: Sequence[tuple[bytes | None, bytes]],
+                               pending: list[Any]) -> IngestMatch:
+        """Ingest and match one partition's batch; send its dead letters and traversals (futures to ``pending``)."""
         op = self.source(partition)
         now = time.time() if self.options.wall_clock_checks else None
         out = op.process_messages(messages, now=now)
-        pending = []
         for dl in out.dead_letters:
             value, headers = dl.original, dl.headers()
             room = MAX_PRODUCE_BYTES - _DEAD_LETTER_OVERHEAD - len(dl.key or b"")
@@ -310,7 +334,11 @@ class PipelineApp:
             pending.append(await self.traversals_topic.send(value=encode_traversals(partition, wm, batch), partition=q))
             if wm is not None:
                 self._sent_wm[(partition, q)] = wm
-        await _delivered(pending)
+        return op
+
+    def _persist_devices(self, partition: int, op: IngestMatch) -> None:
+        """Write a partition's changed device states, watermark and ledger to the ``devices`` table."""
+        wm = op.watermark
         changed, deleted = op.take_changes()
         table = self.devices_table
         for dev, value in changed.items():
@@ -329,7 +357,6 @@ class PipelineApp:
         key = b"c/%d" % partition
         table.data[key] = json.dumps(op.stats.to_dict(), separators=(",", ":")).encode()
         table.send_changelog(partition, key, table.data[key])
-        await self._persisted()
 
     async def _persisted(self) -> None:
         """Wait until the batch's table writes are on the broker, before its input is acked.
@@ -353,27 +380,35 @@ class PipelineApp:
 
     async def _aggregate(self, stream: Any) -> None:
         opts = self.options
+        await self.speeds_topic.maybe_declare()  # speeds bypass Topic.send, which would declare it
         async for events in stream.take_events(opts.batch_messages, within=opts.batch_within_s):
             by_partition: dict[int, list[bytes]] = defaultdict(list)
             last: dict[int, Any] = {}
             for ev in events:
                 by_partition[ev.message.partition].append(ev.value)
                 last[ev.message.partition] = ev.message
-            for partition, values in by_partition.items():
-                await self.process_traversal_batch(partition, values)
+            await self.process_traversal_batches(by_partition)
+            for partition in by_partition:
                 self._processed(last[partition])
 
     async def process_traversal_batch(self, partition: int, values: Sequence[bytes]) -> None:
         """One batch of one traversals partition: add, advance, publish, persist."""
-        part = self.aggregate_partition(partition)
-        speeds = part.apply(values)
+        await self.process_traversal_batches({partition: values})
+
+    async def process_traversal_batches(self, batches: dict[int, Sequence[bytes]]) -> None:
+        """One batch per traversals partition: add, advance and publish each; wait until the speeds are
+        delivered; then persist each partition's input and wait until that is on the broker."""
         pending = []
-        for s in speeds:
-            key, value = encode_speed(s)
-            pending.append(await self.speeds_topic.send(key=key, value=value,
-                                                        partition=segment_partition(s.segment_id, self.partitions)))
+        producer, topic, n = self.app.producer, self.settings.topic_segment_speeds, self.partitions
+        for partition, values in batches.items():
+            for s in self.aggregate_partition(partition).apply(values):
+                key, value = encode_speed(s)
+                # straight to the producer: Faust's Topic.send wraps every record in futures, callbacks and
+                # sensor calls, several times the cost of the send itself for a window's thousands of records
+                pending.append(await producer.send(topic, key, value, segment_partition(s.segment_id, n), None, None))
         await _delivered(pending)
-        part.persist(values)
+        for partition, values in batches.items():
+            self.aggregate_partition(partition).persist(values)
         await self._persisted()
 
 

@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from geo.model import Ping
 from geo.pings import PingRejected, parse_ping
 
@@ -157,9 +159,14 @@ def decode_message(key: bytes | None, value: bytes | None, *, now: float | None 
     if len(value) > MAX_MESSAGE_BYTES:
         return _whole(key, value, "message_too_large", f"{len(value)} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        doc = json.loads(value)
-    except (UnicodeDecodeError, ValueError):
-        return _whole(key, value, "malformed_json", "value is not UTF-8 JSON")
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        # orjson is strict JSON; the json module also reads NaN/Infinity and integers beyond 64 bits,
+        # which then get their specific reasons (not_finite, out of range) from the validator
+        try:
+            doc = json.loads(value)
+        except (UnicodeDecodeError, ValueError):
+            return _whole(key, value, "malformed_json", "value is not UTF-8 JSON")
     if not isinstance(doc, dict):
         return _whole(key, value, "not_an_object", f"expected an object, got {type(doc).__name__}")
     if "pings" not in doc:

@@ -118,6 +118,59 @@ def estimator_config(settings: Settings) -> EstimatorConfig:
     return EstimatorConfig.from_settings(settings)
 
 
+def warm_up_matcher(matcher: OnlineMatcher) -> int:
+    """Match a short synthetic drive so that the matcher's compiled kernels are loaded before real input.
+
+    The kernels (:mod:`geo.kernels`) are compiled once per machine and cached, but each process still
+    loads them on first call (about 1-2 s); a worker that does this before it joins its consumer group
+    does not spend that time with its partitions' input waiting.
+
+    Parameters
+    ----------
+    matcher
+        The matcher to warm up (its network's route table is built too).
+
+    Returns
+    -------
+    int
+        Traversals the synthetic drive produced (0 on a network with no drivable chain of segments).
+    """
+    net = matcher.network
+    if net.n_segments == 0:
+        return 0
+    # a chain of up to 8 connected segments (no U-turns), sampled every ~15 m, 2 s apart; started from
+    # the longest segments until one leads on (the longest may be a dead end at the map's edge)
+    chain: list[int] = []
+    for start in np.argsort(-net.length_m)[:100]:
+        chain = [int(start)]
+        while len(chain) < 8:
+            here = chain[-1]
+            nxt = [int(s) for s in net.successors(here) if int(s) not in chain and int(s) != net.reverse_of[here]]
+            if not nxt:
+                break
+            chain.append(nxt[0])
+        if len(chain) >= 3:
+            break
+    points = []
+    for r in chain:
+        length = float(net.length_m[r])
+        for off in np.arange(0.0, length, 15.0):
+            points.append(net.point_at_offset(r, float(off)))
+    lonlat = net.to_lonlat(np.asarray(points))
+    t0 = 1_700_000_000.0
+    pings = [Ping("warm-up", t0 + 2.0 * i, float(lat), float(lon), 5.0, None, None)
+             for i, (lon, lat) in enumerate(lonlat)]
+    emitted = 0
+    # both code paths: a whole upload at once (vectorised search) and single pings
+    state = matcher.new_state()
+    for res in matcher.push_many([(state, pings[: len(pings) // 2])]):
+        state, emitted = res.state, emitted + len(res.traversals)
+    for p in pings[len(pings) // 2:]:
+        res = matcher.push(state, [p])
+        state, emitted = res.state, emitted + len(res.traversals)
+    return emitted + len(matcher.finish(state).traversals)
+
+
 # ------------------------------------------------------------------------------------------ device state
 
 
@@ -212,14 +265,16 @@ class IngestMatch:
         origin: list[tuple[int, int]] = []  # (message number, index in its batch) of each ping
         message_of: list[int] = []
         decoded = []
+        received = 0
         for m, (key, value) in enumerate(messages):
             d = decode_message(key, value, now=now)
             decoded.append((key, value, d))
-            self.stats.received += d.n_received
-            metrics.PINGS_RECEIVED.inc(d.n_received)
+            received += d.n_received
             pings.extend(d.pings)
             origin.extend((m, i) for i in d.indexes)
             message_of.extend([m] * len(d.pings))
+        self.stats.received += received
+        metrics.PINGS_RECEIVED.inc(received)  # once per batch: a metric update takes a lock
         late_rejects: dict[int, list[Rejection]] = {}
         for pos, reason in self._match(self.pseudonymiser.apply(pings), out.traversals, message_of):
             m, i = origin[pos]

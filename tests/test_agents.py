@@ -1,7 +1,7 @@
 """The Faust agents without a broker: ``agent.test_context()`` feeds events through an in-memory channel.
 
-Outputs to Kafka topics are captured by replacing each output topic's ``send`` with an in-memory
-collector (there is no broker to deliver to); table writes land in the local store and the producer's
+Outputs to Kafka topics are captured by replacing each output topic's ``send`` (and the producer's, which
+the segment speeds use directly) with an in-memory collector (there is no broker to deliver to); table writes land in the local store and the producer's
 buffer. Every ``put`` is bounded by a timeout: an agent that drops an event would otherwise hang it.
 """
 
@@ -54,12 +54,22 @@ class Sent:
         self.by_topic: dict[str, list[dict]] = {}
         for topic in (pipeline.rejected_topic, pipeline.traversals_topic, pipeline.speeds_topic):
             monkeypatch.setattr(topic, "send", self._collector(topic.get_topic_name()))
+            monkeypatch.setattr(topic, "maybe_declare", self._declared)
+        # segment speeds go to the producer directly (see PipelineApp.process_traversal_batches)
+        monkeypatch.setattr(pipeline.app.producer, "send", self._producer_send)
 
     def _collector(self, name: str):
         async def send(*, key=None, value=None, partition=None, headers=None, **kw):
             self.by_topic.setdefault(name, []).append(
                 {"key": key, "value": value, "partition": partition, "headers": headers})
         return send
+
+    async def _declared(self) -> None:
+        return None
+
+    async def _producer_send(self, topic, key, value, partition, timestamp, headers, **kw):
+        self.by_topic.setdefault(topic, []).append(
+            {"key": key, "value": value, "partition": partition, "headers": headers})
 
     def __getitem__(self, name: str) -> list[dict]:
         return self.by_topic.get(name, [])

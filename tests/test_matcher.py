@@ -296,6 +296,48 @@ def test_push_many_equals_separate_pushes(helsinki):
         assert {t.device for t in expected} == {r.state.device}
 
 
+
+def test_push_many_screens_each_device_alike_clean_or_messy(helsinki):
+    """One push_many with clean devices (screened in a few comparisons) next to messy ones
+    (duplicates, out of order, a foreign ping, equal times: the ping-by-ping rules) gives every
+    device what it gets pushed alone, drop counts included."""
+    rng = np.random.default_rng(12)
+    matcher = OnlineMatcher(helsinki)
+    traces = [simulate_trace(helsinki, random_route(helsinki, rng, 1500), rng, sigma_m=10.0, interval_s=5.0,
+                             device=f"d{i}") for i in range(4)]
+    p1, p3 = list(traces[1].pings), list(traces[3].pings)
+    moved = dataclasses.replace(p3[8], lat=p3[8].lat + 1e-4)  # same time, other position: kept
+    batches = [
+        list(traces[0].pings),
+        p1[:10] + [p1[9], p1[9]] + p1[10:20] + [p1[15], traces[0].pings[3]] + p1[20:],
+        list(traces[2].pings),
+        p3[:9] + [moved] + p3[9:],
+    ]
+    together = matcher.push_many([(matcher.new_state(), b) for b in batches])
+    for b, r in zip(batches, together):
+        alone = matcher.push(matcher.new_state(), b)
+        assert r.traversals == alone.traversals and r.state.to_bytes() == alone.state.to_bytes()
+        assert (r.matched, r.unmatched, r.dropped) == (alone.matched, alone.unmatched, alone.dropped)
+    assert together[1].dropped == {"duplicate": 2, "out_of_order": 1, "device_mismatch": 1}
+    assert together[3].unmatched == 0 and together[3].matched == len(batches[3])
+    assert together[0].unmatched == together[2].unmatched == 0
+    # A state carried over: the next push's first ping older than the last one seen is dropped.
+    again = matcher.push(together[0].state, [traces[0].pings[5]] + list(traces[0].pings[-1:]))
+    assert again.dropped == {"out_of_order": 1, "duplicate": 1}
+
+
+def test_fast_projection_matches_pyproj(helsinki):
+    """The matcher's projection shortcut gives pyproj's public results bit for bit, both ways."""
+    rng = np.random.default_rng(3)
+    lon = helsinki.node_lonlat[:, 0] + rng.normal(0, 1e-3, helsinki.n_nodes)
+    lat = helsinki.node_lonlat[:, 1] + rng.normal(0, 1e-3, helsinki.n_nodes)
+    for n in (1, 7, len(lon)):
+        x, y = helsinki._project(lon[:n], lat[:n])
+        assert np.array_equal(np.column_stack([x, y]), helsinki.to_xy(lon[:n], lat[:n]))
+        back = helsinki._project(x, y, inverse=True)
+        assert np.array_equal(np.column_stack(back), helsinki.to_lonlat(np.column_stack([x, y])))
+
+
 def test_traversal_times_are_interpolated_and_ordered(helsinki, clean):
     trace, _ = clean
     res = match_trace(helsinki, trace.pings, MatcherConfig(sigma_m=5.0))

@@ -83,6 +83,51 @@ def test_arbitrary_records_never_crash(raw: dict) -> None:
         assert NOW - 7 * 86400 <= p.ts <= NOW + 300
 
 
+_junk = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**45), st.floats(allow_nan=True, allow_infinity=True),
+                 st.sampled_from(["", "12", "nan", "x"]))
+
+
+def _around(low: float, high: float) -> st.SearchStrategy:
+    """Numbers in and just outside [low, high] (both types, the bounds themselves), sometimes junk."""
+    span = high - low
+    return st.one_of(st.floats(low - 0.1 * span, high + 0.1 * span), st.integers(int(low) - 5, int(high) + 5),
+                     st.sampled_from([low, high, low - 1e-9, high + 1e-9]), _junk)
+
+
+_FIELDS = {
+    "device": st.one_of(st.none(), st.integers(0, 99), st.text(max_size=140), _junk),
+    "ts": st.one_of(st.floats(NOW - 9 * 24 * 3600, NOW + 900), st.floats(NOW * 1000 - 1e6, NOW * 1000 + 1e6),
+                    st.integers(int(NOW) - 9 * 24 * 3600, int(NOW) + 900), _junk),
+    "lat": _around(-90.0, 90.0), "lon": _around(-180.0, 180.0), "accuracy_m": _around(0.0, 10_000.0),
+    "speed_mps": _around(0.0, 150.0), "heading_deg": _around(0.0, 360.0),
+}
+
+
+_one_field = st.sampled_from(sorted(_FIELDS)).flatmap(lambda k: _FIELDS[k].map(lambda v: {k: v}))
+
+
+@given(st.lists(_one_field, max_size=2).map(lambda ds: {k: v for d in ds for k, v in d.items()}), st.integers(0, 10),
+       st.sampled_from([None, NOW]), st.sampled_from([None, "key-device"]))
+@settings(max_examples=1000, deadline=None)
+def test_fast_path_decides_like_the_full_validator(patch: dict, keep: int, now: float | None,
+                                                   device: str | None) -> None:
+    """A plain dict takes a shortcut for the common case; a read-only mapping of the same fields takes the
+    full path. Both must accept the same records with the same values, and reject the same ones.
+    Records are a good ping with a few fields replaced (in or near their range, or junk) or left out."""
+    from types import MappingProxyType
+
+    good = {**GOOD, "accuracy_m": 10.0, "speed_mps": 12.0, "heading_deg": 90.0}
+    raw = {k: v for i, (k, v) in enumerate(good.items()) if i != keep} | patch
+
+    def outcome(record):
+        try:
+            return parse_ping(record, now=now, device=device)
+        except PingRejected as exc:
+            return exc.reason
+
+    assert outcome(dict(raw)) == outcome(MappingProxyType(dict(raw)))
+
+
 def test_files_count_every_bad_row(tmp_path: Path) -> None:
     lines = [
         json.dumps(GOOD),

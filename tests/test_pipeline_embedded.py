@@ -99,3 +99,12 @@ def test_replay_embedded_command_writes_speeds(kotka, sim, tmp_path, capsys) -> 
     assert lines == (tmp_path / "direct.jsonl").read_text().splitlines()
     assert "segment speeds" in capsys.readouterr().out
     assert main(["replay", "--pings", str(path), "--out", str(out)]) == 2  # --out without --embedded
+
+
+def test_warm_up_matches_a_synthetic_drive(kotka) -> None:
+    """The worker warms the matcher up before it joins its group; the drive it uses must really match."""
+    from geo.matcher import OnlineMatcher
+    from streams.operators import matcher_config, warm_up_matcher
+
+    matcher = OnlineMatcher(kotka, matcher_config(SETTINGS))
+    assert warm_up_matcher(matcher) >= 2  # a chain of segments: several traversals, not a lone point
