@@ -151,7 +151,7 @@ class KafkaRun:
         prod.close()
         return sent
 
-    def collect(self, expected: dict, timeout_s: float = 600.0) -> dict:
+    def collect(self, expected: dict, timeout_s: float = 120.0) -> dict:
         """Read speeds until every expected window has its expected value; returns key -> (record, broker
         time in s at which the key got its current value)."""
         tps = [TopicPartition(self.topics["speeds"], p) for p in range(PARTS)]
@@ -237,7 +237,13 @@ def main() -> None:
                     got = run.collect(expected)
                 finally:
                     rss_all += run.close()
-                equal &= all(k in got and same_record(got[k][0], v) for k, v in expected.items())
+                missing = [k for k in expected if k not in got]
+                differ = [k for k in expected if k in got and not same_record(got[k][0], expected[k])]
+                equal &= not missing and not differ
+                if missing or differ:  # say what differs: a wrong run must be diagnosable, not just counted
+                    print(f"  NOT EQUAL: {len(missing)} missing, {len(differ)} different of {len(expected)} "
+                          f"closed windows; e.g. {[(k, expected[k], got.get(k, (None,))[0]) for k in (missing + differ)[:2]]}",
+                          flush=True)
                 t_end = max(got[k][1] for k in expected if k in got)
                 rates.append(n_pings / (t_end - sent[0][1]))
                 print(f"  {n_workers} worker(s): {rates[-1]:,.0f} pings/s, equal to embedded: {equal}", flush=True)
