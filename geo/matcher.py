@@ -28,8 +28,9 @@ push, then per device one call that runs the Viterbi recursion (transitions from
 table's rows, exact pruning of hypotheses that cannot win, convergence and lag decisions) and the
 traversal builder. The Python around them is kept to whole-array work per push: the pings' fields
 are read in one pass, screening is a few comparisons per device when its pings are in order, and
-traversal objects are built field by field in C loops. The numpy code of :meth:`OnlineMatcher._transitions` remains the reference for steps whose routes
-exceed the route table's bound (a bounded Dijkstra), which the compiled recursion hands back.
+traversal objects are built field by field in C loops. The numpy code of
+:meth:`OnlineMatcher._transitions` remains the reference for steps whose routes exceed the route
+table's bound (a bounded Dijkstra), which the compiled recursion hands back.
 
 Lag contract: a ping's candidate is decided no later than the first push that brings a ping at
 least ``max_lag_s`` newer; a traversal is emitted when the ping following its exit is decided.
@@ -802,6 +803,8 @@ def _traversal_objects(ids: list[int], device: str, t0: list[float], t1: list[fl
     _exhaust(map(s_t1, objs, t1))
     _exhaust(map(s_frac, objs, frac))
     return objs
+
+
 _REASON_OF_CODE = {K.ST_NO_CANDIDATE: "no_candidate", K.ST_NO_TRANSITION: "no_transition"}
 
 

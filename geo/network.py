@@ -363,17 +363,9 @@ class RoadNetwork:
 
         radius_m = np.ascontiguousarray(radius_m, dtype=np.float64)
         limit = -1 if max_per_point is None else int(max_per_point)
-        buf_cap = 256
-        out_cap = len(x) * (limit if limit >= 0 else 16) + 16
-        while True:
-            ok, *found = nearby_candidates(
-                x, y, radius_m, self._grid_origin_x, self._grid_origin_y, GRID_CELL_M, self._grid_nx, self._grid_ny,
-                self._cell_ptr, self._cell_data, self.length_m, self.reverse_of, limit, buf_cap, out_cap)
-            if ok:
-                return tuple(found)
-            # A crowded spot or a large radius: more room, and again (rare).
-            buf_cap *= 4
-            out_cap *= 4
+        return _with_room(lambda buf_cap, out_cap: nearby_candidates(
+            x, y, radius_m, *self._grid_args, limit, buf_cap, out_cap),
+            len(x) * (limit if limit >= 0 else 16) + 16)
 
     def _ping_candidates(
         self, x: np.ndarray, y: np.ndarray, sigma: np.ndarray, min_radius_m: float, radius_sigmas: float,
@@ -387,17 +379,15 @@ class RoadNetwork:
         """
         from geo.kernels import ping_candidates
 
-        buf_cap = 256
-        out_cap = len(x) * max_per_point + 16
-        while True:
-            ok, *found = ping_candidates(
-                x, y, sigma, float(min_radius_m), float(radius_sigmas), self._grid_origin_x, self._grid_origin_y,
-                GRID_CELL_M, self._grid_nx, self._grid_ny, self._cell_ptr, self._cell_data, self.length_m,
-                self.reverse_of, int(max_per_point), buf_cap, out_cap)
-            if ok:
-                return tuple(found)
-            buf_cap *= 4  # a crowded spot or a large radius: more room, and again (rare)
-            out_cap *= 4
+        return _with_room(lambda buf_cap, out_cap: ping_candidates(
+            x, y, sigma, float(min_radius_m), float(radius_sigmas), *self._grid_args, int(max_per_point),
+            buf_cap, out_cap), len(x) * max_per_point + 16)
+
+    @cached_property
+    def _grid_args(self) -> tuple:
+        """The spatial grid as the compiled searches take it (``geo.kernels.nearby_candidates``)."""
+        return (self._grid_origin_x, self._grid_origin_y, GRID_CELL_M, self._grid_nx, self._grid_ny,
+                self._cell_ptr, self._cell_data, self.length_m, self.reverse_of)
 
     @cached_property
     def _cell_data(self) -> np.ndarray:
@@ -455,6 +445,21 @@ class RoadNetwork:
                 segment_id=int(self.segment_ids[i]), segment_index=i,
             )
         return g
+
+
+def _with_room(search: Any, out_cap: int) -> tuple:
+    """Run a compiled grid search, growing its buffers until they suffice.
+
+    ``search(buf_cap, out_cap)`` returns ``(ok, *found)``; ``ok`` False means a crowded spot or a large
+    radius overflowed a buffer (rare): four times the room, and again.
+    """
+    buf_cap = 256
+    while True:
+        ok, *found = search(buf_cap, out_cap)
+        if ok:
+            return tuple(found)
+        buf_cap *= 4
+        out_cap *= 4
 
 
 # ------------------------------------------------------------------- projection

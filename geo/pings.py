@@ -42,6 +42,10 @@ REJECT_REASONS: tuple[str, ...] = (
 #: Earliest event time accepted when no ``now`` is given: 2000-01-01T00:00:00Z.
 MIN_EPOCH_S: float = 946_684_800.0
 MAX_DEVICE_ID_CHARS: int = 128
+#: Accepted ranges of the optional fields (inclusive): reported accuracy, m; speed, m/s; heading, degrees.
+ACCURACY_RANGE_M: tuple[float, float] = (0.0, 10_000.0)
+SPEED_RANGE_MPS: tuple[float, float] = (0.0, 150.0)
+HEADING_RANGE_DEG: tuple[float, float] = (0.0, 360.0)
 
 
 class PingRejected(ValueError):
@@ -121,7 +125,8 @@ def _number(raw: Mapping[str, Any], key: str, required: bool) -> float | None:
 _NUMBER_TYPES = (float, int)  # exact types: bool is an int subclass and is not a number here
 
 
-def _optional_plain(raw: dict[str, Any], key: str, low: float, high: float) -> tuple[bool, float | None]:
+def _optional_plain(raw: dict[str, Any], key: str, bounds: tuple[float, float]) -> tuple[bool, float | None]:
+    low, high = bounds
     value = raw.get(key)
     if value is None:
         return True, None
@@ -145,9 +150,9 @@ def _plain_ping(raw: dict[str, Any], device: str | None) -> Ping | None:
         ts /= 1000.0
     if not (MIN_EPOCH_S <= ts < math.inf and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
         return None
-    ok_a, acc = _optional_plain(raw, "accuracy_m", 0.0, 10_000.0)
-    ok_s, spd = _optional_plain(raw, "speed_mps", 0.0, 150.0)
-    ok_h, hdg = _optional_plain(raw, "heading_deg", 0.0, 360.0)
+    ok_a, acc = _optional_plain(raw, "accuracy_m", ACCURACY_RANGE_M)
+    ok_s, spd = _optional_plain(raw, "speed_mps", SPEED_RANGE_MPS)
+    ok_h, hdg = _optional_plain(raw, "heading_deg", HEADING_RANGE_DEG)
     if not (ok_a and ok_s and ok_h):
         return None
     return Ping(dev, ts, float(lat), float(lon), acc, spd, hdg)
@@ -216,12 +221,12 @@ def parse_ping(
         if ts > now + max_future_s:
             raise PingRejected("ts_in_future", f"event time more than {max_future_s:.0f} s ahead")
     acc = _number(raw, "accuracy_m", False)
-    if acc is not None and not 0.0 <= acc <= 10_000.0:
-        raise PingRejected("bad_accuracy", "accuracy_m outside [0, 10000]")
+    if acc is not None and not ACCURACY_RANGE_M[0] <= acc <= ACCURACY_RANGE_M[1]:
+        raise PingRejected("bad_accuracy", "accuracy_m outside [%g, %g]" % ACCURACY_RANGE_M)
     spd = _number(raw, "speed_mps", False)
-    if spd is not None and not 0.0 <= spd <= 150.0:
-        raise PingRejected("bad_speed", "speed_mps outside [0, 150]")
+    if spd is not None and not SPEED_RANGE_MPS[0] <= spd <= SPEED_RANGE_MPS[1]:
+        raise PingRejected("bad_speed", "speed_mps outside [%g, %g]" % SPEED_RANGE_MPS)
     hdg = _number(raw, "heading_deg", False)
-    if hdg is not None and not 0.0 <= hdg <= 360.0:
-        raise PingRejected("bad_heading", "heading_deg outside [0, 360]")
+    if hdg is not None and not HEADING_RANGE_DEG[0] <= hdg <= HEADING_RANGE_DEG[1]:
+        raise PingRejected("bad_heading", "heading_deg outside [%g, %g]" % HEADING_RANGE_DEG)
     return Ping(dev, ts, lat, lon, acc, spd, hdg)

@@ -269,7 +269,7 @@ class PipelineApp:
         if op is None:
             data = self.devices_table.data
             # per-partition ingest counters live in the table beside the device states they describe,
-            # so that after a crash they resume from the same point as the states (see process_ping_batch)
+            # so that after a crash they resume from the same point as the states (see _persist_devices)
             counts = data.get(b"c/%d" % partition)
             stats = PipelineStats.from_dict(json.loads(counts)) if counts else PipelineStats()
             op = IngestMatch(self.network, self.settings, partition, stats, self.matcher)
@@ -293,10 +293,6 @@ class PipelineApp:
             await self.process_ping_batches({p: [(ev.key, ev.value) for ev in evs] for p, evs in by_partition.items()})
             for evs in by_partition.values():
                 self._processed(evs[-1].message)
-
-    async def process_ping_batch(self, partition: int, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
-        """One batch of one pings partition: ingest, match, send, then persist device states."""
-        await self.process_ping_batches({partition: messages})
 
     async def process_ping_batches(self, batches: dict[int, Sequence[tuple[bytes | None, bytes]]]) -> None:
         """One batch per pings partition: ingest and match each, send, wait for delivery, then persist the
@@ -390,10 +386,6 @@ class PipelineApp:
             await self.process_traversal_batches(by_partition)
             for partition in by_partition:
                 self._processed(last[partition])
-
-    async def process_traversal_batch(self, partition: int, values: Sequence[bytes]) -> None:
-        """One batch of one traversals partition: add, advance, publish, persist."""
-        await self.process_traversal_batches({partition: values})
 
     async def process_traversal_batches(self, batches: dict[int, Sequence[bytes]]) -> None:
         """One batch per traversals partition: add, advance and publish each; wait until the speeds are

@@ -32,7 +32,7 @@ import numpy as np
 
 from congestion.estimator import EstimatorConfig, SpeedEstimator
 from congestion.record import SegmentSpeed
-from geo.matcher import SPLIT_REASONS, MatcherConfig, MatcherState, OnlineMatcher
+from geo.matcher import SPLIT_REASONS, MatcherConfig, MatcherState, OnlineMatcher, points_at_offsets
 from geo.model import Ping, Traversal
 from geo.network import RoadNetwork
 from streams import metrics
@@ -151,12 +151,9 @@ def warm_up_matcher(matcher: OnlineMatcher) -> int:
             chain.append(nxt[0])
         if len(chain) >= 3:
             break
-    points = []
-    for r in chain:
-        length = float(net.length_m[r])
-        for off in np.arange(0.0, length, 15.0):
-            points.append(net.point_at_offset(r, float(off)))
-    lonlat = net.to_lonlat(np.asarray(points))
+    offsets = [np.arange(0.0, float(net.length_m[r]), 15.0) for r in chain]
+    segments = np.repeat(np.asarray(chain, dtype=np.int64), [len(o) for o in offsets])
+    lonlat = net.to_lonlat(points_at_offsets(net, segments, np.concatenate(offsets)))
     t0 = 1_700_000_000.0
     pings = [Ping("warm-up", t0 + 2.0 * i, float(lat), float(lon), 5.0, None, None)
              for i, (lon, lat) in enumerate(lonlat)]

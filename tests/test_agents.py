@@ -1,8 +1,8 @@
 """The Faust agents without a broker: ``agent.test_context()`` feeds events through an in-memory channel.
 
 Outputs to Kafka topics are captured by replacing each output topic's ``send`` (and the producer's, which
-the segment speeds use directly) with an in-memory collector (there is no broker to deliver to); table writes land in the local store and the producer's
-buffer. Every ``put`` is bounded by a timeout: an agent that drops an event would otherwise hang it.
+the segment speeds use directly) with an in-memory collector (there is no broker to deliver to); table
+writes land in the local store and the producer's buffer. Every ``put`` is bounded by a timeout: an agent that drops an event would otherwise hang it.
 """
 
 from __future__ import annotations
