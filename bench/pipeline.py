@@ -137,6 +137,7 @@ class KafkaRun:
         """Send; returns (partition, send wall time, event time) per message."""
         prod = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, batch_size=256 * 1024)
         sent = []
+        futures = []
         t_start = time.time()
         ts0 = msgs[0][2]
         for k, v, ts in msgs:
@@ -146,9 +147,14 @@ class KafkaRun:
                     time.sleep(delay)
             p = _part(k)
             sent.append((p, time.time(), ts))
-            prod.send(self.topics["pings"], key=k, value=v, partition=p)
+            futures.append(prod.send(self.topics["pings"], key=k, value=v, partition=p))
         prod.flush()
         prod.close()
+        # a lost upload would show as "not equal" with the pipeline blameless: say so instead
+        failed = [f for f in futures if f.failed()]
+        if failed:
+            print(f"  PRODUCER: {len(failed)} of {len(futures)} uploads not delivered, e.g. {failed[0].exception!r}",
+                  flush=True)
         return sent
 
     def collect(self, expected: dict, timeout_s: float = 120.0) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from congestion.estimator import EstimatorConfig, SpeedEstimator
 from congestion.record import SegmentSpeed
@@ -244,6 +245,8 @@ class IngestMatch:
         #: Keys changed / deleted since :meth:`take_changes`.
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
+        #: Counts not yet added to the Prometheus metrics (see :meth:`_publish_metrics`).
+        self._tally: Counter[str] = Counter()
 
     # -------------------------------------------------------------- input
     def process_messages(self, messages: Iterable[tuple[bytes | None, bytes]], now: float | None = None
@@ -292,6 +295,7 @@ class IngestMatch:
                 self.stats.rejected[r.reason] += n
                 metrics.PINGS_REJECTED.labels(reason=r.reason).inc(n)
         self._expire(out.traversals)
+        self._publish_metrics()
         return out
 
     def process_pings(self, pings: Sequence[Ping]) -> list[Traversal]:
@@ -306,6 +310,7 @@ class IngestMatch:
             self.stats.rejected[reason] += 1
             metrics.PINGS_REJECTED.labels(reason=reason).inc()
         self._expire(traversals)
+        self._publish_metrics()
         return traversals
 
     def _match(self, pings: list[Ping], traversals: list[Traversal], message_of: Sequence[int] | None = None
@@ -351,8 +356,7 @@ class IngestMatch:
                     fresh = [k for k in positions if pings[k].ts >= stale_before]
                     if len(fresh) < len(positions):
                         n_late = len(positions) - len(fresh)
-                        self.stats.unmatched["late"] += n_late
-                        metrics.PINGS_UNMATCHED.labels(reason="late").inc(n_late)
+                        self._unmatched("late", n_late)
                         positions = fresh
                         if not positions:
                             continue
@@ -361,8 +365,7 @@ class IngestMatch:
                 rejected.extend((positions[i], reason) for i, reason in res.rejected)
                 if res.trimmed:
                     self.stats.trimmed += res.trimmed
-                    self.stats.unmatched["trip_trim"] += res.trimmed
-                    metrics.PINGS_UNMATCHED.labels(reason="trip_trim").inc(res.trimmed)
+                    self._unmatched("trip_trim", res.trimmed)
                 if res.released:
                     items.append((state.match, res.released))
                     devices.append(dev)
@@ -383,15 +386,29 @@ class IngestMatch:
 
     def _count_match(self, matched: int, dropped: Counter[str], traversals: list[Traversal]) -> None:
         self.stats.matched += matched
-        metrics.PINGS_MATCHED.inc(matched)
+        self._tally["matched"] += matched
         for reason, n in dropped.items():
             if reason in SPLIT_REASONS or n <= 0:
                 continue
-            label = _UNMATCHED_REASON.get(reason, "no_route")
-            self.stats.unmatched[label] += n
-            metrics.PINGS_UNMATCHED.labels(reason=label).inc(n)
+            self._unmatched(_UNMATCHED_REASON.get(reason, "no_route"), n)
         self.stats.traversals += len(traversals)
-        metrics.TRAVERSALS_EMITTED.inc(len(traversals))
+        self._tally["traversals"] += len(traversals)
+
+    def _unmatched(self, reason: str, n: int) -> None:
+        self.stats.unmatched[reason] += n
+        self._tally["unmatched:" + reason] += n
+
+    def _publish_metrics(self) -> None:
+        """Add the batch's counts to the Prometheus metrics: once per batch, not per device (every
+        metric update takes a lock, and a labelled one a lookup too)."""
+        tally, self._tally = self._tally, Counter()
+        for name, n in tally.items():
+            if name == "matched":
+                metrics.PINGS_MATCHED.inc(n)
+            elif name == "traversals":
+                metrics.TRAVERSALS_EMITTED.inc(n)
+            else:
+                metrics.PINGS_UNMATCHED.labels(reason=name.split(":", 1)[1]).inc(n)
 
     # -------------------------------------------------------------- trip ends
     def _expire(self, traversals: list[Traversal]) -> None:
@@ -410,8 +427,7 @@ class IngestMatch:
         discarded = self.trimmer.finish(state.trim)
         self.stats.trimmed += discarded
         if discarded:
-            self.stats.unmatched["trip_trim"] += discarded
-            metrics.PINGS_UNMATCHED.labels(reason="trip_trim").inc(discarded)
+            self._unmatched("trip_trim", discarded)
         res = self.matcher.finish(state.match)
         self._count_match(0, res.dropped, res.traversals)
         self.stats.devices_expired += 1
@@ -424,6 +440,7 @@ class IngestMatch:
         out: list[Traversal] = []
         for dev in list(self.devices):
             out.extend(self._end_device(dev))
+        self._publish_metrics()
         return out
 
     # -------------------------------------------------------------- persistence (Faust tables)
@@ -659,4 +676,4 @@ def split_by_partition(traversals: Sequence[Traversal], partitions: int) -> dict
 
 def encode_speed(speed: SegmentSpeed) -> tuple[bytes, bytes]:
     """``(key, value)`` of a segment-speeds message: key = segment id, value = the JSON wire form."""
-    return str(speed.segment_id).encode(), json.dumps(speed.to_dict(), separators=(",", ":")).encode()
+    return str(speed.segment_id).encode(), orjson.dumps(speed.to_dict())
