@@ -117,6 +117,13 @@ def test_ingest_match_agent(pipeline, settings, messages, kotka, monkeypatch) ->
         source, st = DeviceState.from_bytes(value, key[2:].decode())
         assert 0 <= source < PARTS and st.trim.in_trip
     assert {k for k in table if k.startswith(b"w/")} <= {b"w/%d" % p for p in range(PARTS)}
+    # every table write also went to the changelog, to the partition of the state it describes, so a worker
+    # that takes the partition over recovers the same values
+    changelog = sent[pipeline.devices_table.changelog_topic.get_topic_name()]
+    last = {m["key"]: m for m in changelog}
+    assert {k for k in table if k.startswith(b"d/")} <= set(last)
+    for key, value in states.items():
+        assert last[key]["value"] == value and last[key]["partition"] == DeviceState.source_of(value)
 
 
 def test_aggregate_agent(pipeline, settings, messages, kotka, monkeypatch) -> None:

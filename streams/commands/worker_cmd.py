@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import tempfile
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     wait_for_broker(settings, args.broker_wait)
     pipeline = create_app(network, settings, WorkerOptions(wall_clock_checks=args.live))
     warm_up_matcher(pipeline.matcher)  # load compiled kernels now, not with the first batch waiting
+    tune_garbage_collector()
     datadir = args.datadir or tempfile.mkdtemp(prefix="roadpulse-worker-")
     os.makedirs(datadir, exist_ok=True)  # the Faust worker runs inside it
     pipeline.app.conf.datadir = datadir
@@ -67,6 +69,25 @@ def run(args: argparse.Namespace) -> int:
     worker.spinner = None
     worker.execute_from_commandline()  # returns by SystemExit when the worker stops
     return 0
+
+
+#: Container allocations (net of frees) between young-generation collections; CPython's default is 700.
+GC_YOUNG_THRESHOLD: int = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Make the cyclic garbage collector cheap for a long-running worker.
+
+    Everything alive after start-up (map, route table, Faust app, modules) lives as long as the process:
+    :func:`gc.freeze` moves it out of the collector's scans. The hot path allocates and frees millions of
+    short-lived objects per minute (pings, events, futures); with the default threshold of 700 the young
+    generation was collected ≈ 600 times in an 8 s replay, 0.54–0.65 s of a worker's ≈ 6 s of CPU (measured
+    with ``gc.callbacks``); with :data:`GC_YOUNG_THRESHOLD` and the frozen start-up objects, 10 collections,
+    0.04 s. Reference cycles are still collected, only in fewer, larger sweeps.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 #: Backoff between broker probes at start, seconds: doubles from the first to the last.
