@@ -208,7 +208,6 @@ class PipelineApp:
         self._sources: dict[int, IngestMatch] = {}
         self._sent_wm: dict[tuple[int, int], float] = {}
         self._aggregates: dict[int, _AggregatePartition] = {}
-        self._changelog_names: dict[str, str] = {}  # table name -> changelog topic
         self.ingest_agent = self.app.agent(self.pings_topic, name="roadpulse.ingest-match")(self._ingest_match)
         self.aggregate_agent = self.app.agent(self.traversals_topic, name="roadpulse.aggregate")(self._aggregate)
         self.app.on_partitions_revoked.connect(self._on_revoked)
@@ -365,10 +364,7 @@ class PipelineApp:
             table.data.pop(key, None)
         else:
             table.data[key] = value
-        topic = self._changelog_names.get(table.name)
-        if topic is None:
-            topic = self._changelog_names[table.name] = table.changelog_topic.get_topic_name()
-        written.append(await self.app.producer.send(topic, key, value, partition, None, None))
+        written.append(await self.app.producer.send(table.changelog_topic_name, key, value, partition, None, None))
 
     async def _persisted(self, written: list[Any]) -> None:
         """Wait until the batch's table writes are on the broker, before its input is acked.

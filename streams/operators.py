@@ -246,7 +246,9 @@ class IngestMatch:
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         #: Counts not yet added to the Prometheus metrics (see :meth:`_publish_metrics`).
-        self._tally: Counter[str] = Counter()
+        self._unpublished_matched = 0
+        self._unpublished_traversals = 0
+        self._unpublished_unmatched: Counter[str] = Counter()
 
     # -------------------------------------------------------------- input
     def process_messages(self, messages: Iterable[tuple[bytes | None, bytes]], now: float | None = None
@@ -386,29 +388,27 @@ class IngestMatch:
 
     def _count_match(self, matched: int, dropped: Counter[str], traversals: list[Traversal]) -> None:
         self.stats.matched += matched
-        self._tally["matched"] += matched
+        self._unpublished_matched += matched
         for reason, n in dropped.items():
             if reason in SPLIT_REASONS or n <= 0:
                 continue
             self._unmatched(_UNMATCHED_REASON.get(reason, "no_route"), n)
         self.stats.traversals += len(traversals)
-        self._tally["traversals"] += len(traversals)
+        self._unpublished_traversals += len(traversals)
 
     def _unmatched(self, reason: str, n: int) -> None:
         self.stats.unmatched[reason] += n
-        self._tally["unmatched:" + reason] += n
+        self._unpublished_unmatched[reason] += n
 
     def _publish_metrics(self) -> None:
         """Add the batch's counts to the Prometheus metrics: once per batch, not per device (every
         metric update takes a lock, and a labelled one a lookup too)."""
-        tally, self._tally = self._tally, Counter()
-        for name, n in tally.items():
-            if name == "matched":
-                metrics.PINGS_MATCHED.inc(n)
-            elif name == "traversals":
-                metrics.TRAVERSALS_EMITTED.inc(n)
-            else:
-                metrics.PINGS_UNMATCHED.labels(reason=name.split(":", 1)[1]).inc(n)
+        metrics.PINGS_MATCHED.inc(self._unpublished_matched)
+        metrics.TRAVERSALS_EMITTED.inc(self._unpublished_traversals)
+        for reason, n in self._unpublished_unmatched.items():
+            metrics.PINGS_UNMATCHED.labels(reason=reason).inc(n)
+        self._unpublished_matched = self._unpublished_traversals = 0
+        self._unpublished_unmatched.clear()
 
     # -------------------------------------------------------------- trip ends
     def _expire(self, traversals: list[Traversal]) -> None:

@@ -119,7 +119,7 @@ def test_ingest_match_agent(pipeline, settings, messages, kotka, monkeypatch) ->
     assert {k for k in table if k.startswith(b"w/")} <= {b"w/%d" % p for p in range(PARTS)}
     # every table write also went to the changelog, to the partition of the state it describes, so a worker
     # that takes the partition over recovers the same values
-    changelog = sent[pipeline.devices_table.changelog_topic.get_topic_name()]
+    changelog = sent[pipeline.devices_table.changelog_topic_name]
     last = {m["key"]: m for m in changelog}
     assert {k for k in table if k.startswith(b"d/")} <= set(last)
     for key, value in states.items():

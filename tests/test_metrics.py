@@ -267,3 +267,40 @@ def test_privacy_checker_flags_ids_and_coordinates_in_labels():
     assert any("4503599627370495" in p for p in problems)
     assert any("lat=60.17" in p for p in problems)
     assert not any("roadpulse_ok_total" in p for p in problems)
+
+
+def test_ingest_counters_equal_the_operator_ledger(kotka):
+    """The operator adds its counts to the metrics once per batch; after each batch (and at the end of
+    input) the metric deltas equal the ledger's, reason by reason."""
+    import json
+
+    from simulator.config import SimulationConfig
+    from simulator.day import simulate_day
+    from streams.operators import IngestMatch
+    from streams.settings import Settings
+
+    sim = simulate_day(kotka, SimulationConfig(hours=0.5, start_s=8 * 3600, seed=5, probe_share=0.2))
+    messages = [(d.encode(), json.dumps({"device": d, "pings": [p.to_dict() for p in ps]}).encode())
+                for d, ps in sim.ping_batches()]
+    op = IngestMatch(kotka, Settings(map="kotka"), 0)
+
+    def counts() -> dict:
+        s = scrape()
+        out = {"matched": value(s["roadpulse_pings_matched"], "roadpulse_pings_matched_total"),
+               "traversals": value(s["roadpulse_traversals_emitted"], "roadpulse_traversals_emitted_total")}
+        for r in metrics.UNMATCHED_REASONS:
+            out[r] = value(s["roadpulse_pings_unmatched"], "roadpulse_pings_unmatched_total", reason=r)
+        return out
+
+    before = counts()
+    for i in range(0, len(messages), 100):
+        op.process_messages(messages[i:i + 100])
+        after = counts()
+        assert after["matched"] - before["matched"] == op.stats.matched
+        assert after["traversals"] - before["traversals"] == op.stats.traversals
+    op.finish()
+    after = counts()
+    assert op.stats.matched > 0 and op.stats.traversals > 0 and sum(op.stats.unmatched.values()) > 0
+    assert after["traversals"] - before["traversals"] == op.stats.traversals
+    for r in metrics.UNMATCHED_REASONS:
+        assert after[r] - before[r] == op.stats.unmatched.get(r, 0), r
